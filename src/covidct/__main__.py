@@ -1,0 +1,5 @@
+import sys
+
+from covidct.cli import main
+
+sys.exit(main())

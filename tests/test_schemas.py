@@ -1,0 +1,110 @@
+"""The config and sample-sheet schemas and the sheet checks reject bad input with useful messages."""
+
+from __future__ import annotations
+
+import jsonschema
+import pandas as pd
+import pytest
+import yaml
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import validate
+
+from covidct.errors import CovidctError
+from covidct.sheet import check_sheet, read_sheet, sites_with_role
+
+
+@pytest.fixture()
+def schemas(repo):
+    return repo / "workflow" / "schemas"
+
+
+def _config(repo):
+    return yaml.safe_load((repo / "config" / "config.yaml").read_text())
+
+
+def test_demo_and_paper_configs_are_valid_and_get_defaults(repo, schemas):
+    for name in ("config.yaml", "paper.yaml"):
+        cfg = yaml.safe_load((repo / "config" / name).read_text())
+        validate(cfg, str(schemas / "config.schema.yaml"))
+        assert cfg["training"]["lr"] == 0.005
+        assert cfg["training"]["class_weight"] == 5
+        assert cfg["mlflow"]["tracking_uri"].startswith("sqlite:///")
+    paper = yaml.safe_load((repo / "config" / "paper.yaml").read_text())
+    validate(paper, str(schemas / "config.schema.yaml"))
+    assert paper["roi"]["size"] == [48, 240, 360]
+    assert paper["evaluation"]["threshold"] == 0.8
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda c: c["sites"].update({"x": {"role": "testing"}}), "testing"),
+    (lambda c: c["training"].update({"lr": -1}), "-1"),
+    (lambda c: c.update({"roi": {"size": [48, 240]}}), "[48, 240]"),
+    (lambda c: c["segmentation"].update({"method": "unet"}), "unet"),
+    (lambda c: c["evaluation"].update({"threshold": 1.5}), "1.5"),
+])
+def test_bad_config_is_rejected_with_the_offending_value(repo, schemas, change, words):
+    cfg = _config(repo)
+    change(cfg)
+    with pytest.raises((WorkflowError, jsonschema.ValidationError)) as err:
+        validate(cfg, str(schemas / "config.schema.yaml"))
+    assert words in str(err.value) + str(getattr(err.value, "args", ""))
+
+
+def _sheet(tmp_path, rows):
+    cols = ["patient", "site", "image", "task", "label", "age", "sex", "comorbidity",
+            "stay_days", "discharged"]
+    path = tmp_path / "samples.tsv"
+    pd.DataFrame(rows, columns=cols).to_csv(path, sep="\t", index=False)
+    return path
+
+
+GOOD = ["P1", "wuhan", "/data/p1", "covid", "covid", 50, "M", 0, 12, 1]
+
+
+def test_good_sheet_passes_schema_and_checks(tmp_path, schemas):
+    path = _sheet(tmp_path, [GOOD, ["P2", "wuhan", "/data/p2", "covid", "bacterial", 61, "F", 1, "", ""]])
+    df = read_sheet(path)
+    validate(df, str(schemas / "samples.schema.yaml"))
+    checked = check_sheet(df, {"wuhan": {"role": "train"}})
+    assert list(checked["y"]) == [1, 0]
+    assert pd.isna(checked.loc["P2", "stay_days"]) and checked.loc["P1", "discharged"] == 1
+
+
+@pytest.mark.parametrize("row, words", [
+    (["P9", "wuhan", "/d", "covid", "influenza", 50, "M", 0, 12, 1], "label 'influenza'"),
+    (["P9", "mars", "/d", "covid", "covid", 50, "M", 0, 12, 1], "site 'mars' has no role"),
+    (["P9", "wuhan", "/d", "covid", "egfr_mutant", 50, "M", 0, 12, 1], "does not fit task 'covid'"),
+    (["P1", "wuhan", "/d", "covid", "covid", 50, "M", 0, 12, 1], "used more than once: P1"),
+])
+def test_sheet_checks_name_the_patient_and_the_problem(tmp_path, row, words):
+    path = _sheet(tmp_path, [GOOD, row])
+    with pytest.raises(CovidctError) as err:
+        check_sheet(read_sheet(path), {"wuhan": {"role": "train"}}, path=path)
+    assert words in str(err.value)
+    assert str(path) in str(err.value)
+
+
+@pytest.mark.parametrize("row, words", [
+    (["P9", "wuhan", "/d", "covid", "covid", 250, "M", 0, 12, 1], "250"),
+    (["P9", "wuhan", "/d", "covid", "covid", 50, "X", 0, 12, 1], "'X'"),
+    (["P9", "wuhan", "/d", "covid", "covid", 50, "M", 0, 12, 3], "3"),
+    (["P 9", "wuhan", "/d", "covid", "covid", 50, "M", 0, 12, 1], "P 9"),
+])
+def test_sample_schema_rejects_bad_values(tmp_path, schemas, row, words):
+    df = read_sheet(_sheet(tmp_path, [GOOD, row]))
+    with pytest.raises(WorkflowError) as err:
+        validate(df, str(schemas / "samples.schema.yaml"))
+    assert "row 1" in str(err.value) and words in str(err.value)
+
+
+def test_missing_columns_are_named(tmp_path):
+    path = tmp_path / "s.tsv"
+    path.write_text("patient\tsite\nP1\twuhan\n")
+    with pytest.raises(CovidctError, match="lacks column.*image, task, label"):
+        read_sheet(path)
+
+
+def test_sites_with_role_accepts_lists():
+    sites = {"a": {"role": "train"}, "b": {"role": ["diagnosis", "prognosis"]}, "c": {"role": "prognosis"}}
+    assert sites_with_role(sites, "prognosis") == ["b", "c"]
+    assert sites_with_role(sites, "train") == ["a"]
