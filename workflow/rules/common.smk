@@ -1,5 +1,8 @@
-# Load and validate the config and the sample sheet; helpers that list each rule's inputs.
-import os
+# Load and validate the config and the sample sheet; the functions that list each rule's inputs.
+# Rule files hold rules only; every helper they use lives here.
+import hashlib
+import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -10,16 +13,23 @@ from covidct.sheet import check_sheet, read_sheet, sites_with_role
 
 validate(config, "../schemas/config.schema.yaml")
 
-# Rules call `covidct`: make the environment running Snakemake (e.g. .venv) provide it, even when
-# the user runs `.venv/bin/snakemake` without activating the environment.
-os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
+# Rules call `covidct`. Appending the bin folder of the Python running Snakemake (e.g. .venv/bin)
+# finds it even when the user did not activate the environment; appended, not prepended, so that
+# a rule's conda environment (--use-conda) still comes first.
+shell.prefix(f"export PATH=\"$PATH:{Path(sys.executable).parent}\"; ")
 
 SITES = config["sites"]
 SYNTHETIC = not config.get("samples")
 RESULTS = "results"
-MLFLOW_URI = config["mlflow"]["tracking_uri"]
-EXPERIMENT = config["mlflow"]["experiment"]
-CONFIG_FILES = [str(f) for f in workflow.configfiles]
+MLFLOW = config["mlflow"]
+TRAINING = config["training"]
+EVALUATION = config["evaluation"]
+PROGNOSIS = config["prognosis"]
+EXPLAIN = config["explain"]
+SEGMENTATION = config["segmentation"]
+CONFIG_FILE = str(workflow.configfiles[-1]) if workflow.configfiles else ""
+TRACKING = (f"--tracking-uri {MLFLOW['tracking_uri']} --experiment {MLFLOW['experiment']}"
+            + (f" --config {CONFIG_FILE}" if CONFIG_FILE else ""))
 
 
 def _load_samples():
@@ -27,7 +37,7 @@ def _load_samples():
         from covidct.synth import cohort_table
 
         table = cohort_table(config, root=f"{RESULTS}/synth")
-        sheet_path = f"{RESULTS}/synth/cohort.tsv"
+        sheet_path = "the synthetic cohort (config: synthetic)"
     else:
         table = read_sheet(config["samples"])
         sheet_path = config["samples"]
@@ -35,10 +45,10 @@ def _load_samples():
     columns = [c for c in ("patient", "site", "image", "task", "label", "age", "sex",
                            "comorbidity", "stay_days", "discharged") if c in table.columns]
     validate(table[columns].reset_index(drop=True), "../schemas/samples.schema.yaml")
-    return table, sheet_path
+    return table
 
 
-samples, SHEET = _load_samples()
+samples = _load_samples()
 
 
 wildcard_constraints:
@@ -46,14 +56,25 @@ wildcard_constraints:
     patient="[^/]+",
 
 
-def patient_dir(row):
-    return f"{RESULTS}/patients/{row.site}/{row.patient}"
+# ---- sites and patients --------------------------------------------------------------------
 
 
 def sites_for(*roles):
     """Configured sites with any of ``roles`` that have patients in the sheet."""
     present = set(samples["site"])
     return sorted({s for r in roles for s in sites_with_role(SITES, r)} & present)
+
+
+TRAIN_SITES = sites_for("train")
+PRETRAIN_SITES = sites_for("pretrain")
+DIAGNOSIS_SITES = sites_for("diagnosis")
+PROGNOSIS_SITES = sites_for("prognosis")
+EVAL_SITES = sorted(set(TRAIN_SITES) | set(DIAGNOSIS_SITES) | set(PROGNOSIS_SITES))
+COX_SITES = sorted(set(TRAIN_SITES) | set(PROGNOSIS_SITES))
+
+
+def patient_dir(row):
+    return f"{RESULTS}/patients/{row.site}/{row.patient}"
 
 
 def patients_of(sites):
@@ -64,44 +85,13 @@ def roi_paths(sites):
     return [f"{patient_dir(r)}/roi.zarr" for r in patients_of(sites).itertuples()]
 
 
-def image_input(wildcards):
-    """The scan as a Snakemake input when it exists or a rule makes it (synthetic cohort).
-
-    A user's missing scan is not declared as an input: `covidct ingest` then fails for that
-    patient alone with an error naming it, and the others go on under --keep-going.
-    """
-    image = samples.loc[wildcards.patient, "image"]
-    if SYNTHETIC or os.path.exists(image):
-        return image
-    return []
+def lung_paths(sites):
+    return [f"{patient_dir(r)}/lung.zarr" for r in patients_of(sites).itertuples()]
 
 
-def sheet_input(wildcards=None):
-    return SHEET
-
-
-TRAIN_SITES = sites_for("train")
-PRETRAIN_SITES = sites_for("pretrain")
-DIAGNOSIS_SITES = sites_for("diagnosis")
-PROGNOSIS_SITES = sites_for("prognosis")
-EVAL_SITES = sorted(set(TRAIN_SITES) | set(DIAGNOSIS_SITES) | set(PROGNOSIS_SITES))
-
-
-def tracking_flags(rule_name):
-    return (f"--tracking-uri {MLFLOW_URI} --experiment {EXPERIMENT} "
-            f"--config {' '.join(CONFIG_FILES[:1]) or 'none'}")
-
-
-def final_outputs():
-    outputs = [f"{patient_dir(r)}/roi.zarr" for r in samples.itertuples()]
-    outputs += [f"{RESULTS}/tables/qc_summary.tsv"]
-    if TRAIN_SITES:
-        outputs += [f"{RESULTS}/models/{m}/run.json" for m in ("finetune_covid", "random_init")]
-        outputs += [f"{RESULTS}/eval/{s}/metrics.json" for s in EVAL_SITES]
-        outputs += [f"{RESULTS}/tables/table2.md", f"{RESULTS}/tables/table_s2.md"]
-        outputs += [f"{RESULTS}/prognosis/cox.json", f"{RESULTS}/tables/table_s3.md"]
-        outputs += [f"{RESULTS}/explain/feature_pca.png"]
-    return outputs
+def site_role(site):
+    roles = SITES[site]["role"]
+    return ",".join([roles] if isinstance(roles, str) else roles)
 
 
 def site_sheet(site):
@@ -114,7 +104,146 @@ def site_sheets(sites):
 
 def site_rows_digest(wildcards):
     """Changes only when this site's rows change, so adding a site reruns nothing else."""
-    import hashlib
-
     rows = samples[samples["site"] == wildcards.site]
     return hashlib.sha256(rows.to_csv(sep="\t", index=False).encode()).hexdigest()[:16]
+
+
+def write_site_sheet(site, path):
+    from covidct.zarrio import atomic_path
+
+    rows = samples[samples["site"] == site].drop(columns=["y"])
+    with atomic_path(path) as tmp:
+        rows.to_csv(tmp, sep="\t", index=False)
+    return len(rows)
+
+
+# ---- per-patient inputs --------------------------------------------------------------------
+
+
+def image_input(wildcards):
+    """The scan as a Snakemake input when it exists or a rule makes it (synthetic cohort).
+
+    A user's missing scan is not declared as an input: `covidct ingest` then fails for that
+    patient alone with an error naming it, and the others go on under --keep-going.
+    """
+    image = samples.loc[wildcards.patient, "image"]
+    if SYNTHETIC or Path(image).exists():
+        return image
+    return []
+
+
+def synth_spec(wildcards):
+    """This patient's row of the synthetic cohort, as a quoted JSON argument."""
+    row = samples.loc[wildcards.patient]
+    spec = {k: (None if pd.isna(v) else v) for k, v in row.items()}
+    return shlex.quote(json.dumps(spec, default=str, sort_keys=True))
+
+
+def synth_sites(fmt):
+    """Sites whose synthetic scans are written as ``fmt`` (a wildcard constraint)."""
+    sites = {r.site for r in samples.itertuples() if (Path(r.image).name == "dicom") == (fmt == "dicom")}
+    return "|".join(sorted(sites)) or "no-site"
+
+
+# ---- lung segmentation ---------------------------------------------------------------------
+
+
+def segmenter_model():
+    return SEGMENTATION["model"] or f"{RESULTS}/models/lung_fpn/model.keras"
+
+
+def segmenter_model_input(wildcards):
+    return [segmenter_model()] if SEGMENTATION["method"] == "fpn" else []
+
+
+def segment_env():
+    return "../../envs/deep.yaml" if SEGMENTATION["method"] == "fpn" else "../../envs/preprocess.yaml"
+
+
+def _segmenter_pairs():
+    """(image, mask) pairs: the config's sheet, or the synthetic cohort's exact masks."""
+    train = SEGMENTATION["train"]
+    if train["sheet"]:
+        table = pd.read_csv(train["sheet"], sep="\t", dtype=str)
+        pairs = list(zip(table["image"], table["mask"]))
+    else:
+        pairs = [(r.image, f"{RESULTS}/synth/{r.site}/{r.patient}/lung_mask.nii.gz")
+                 for r in samples.itertuples()]
+    return pairs[: train["max_patients"]]
+
+
+def segmenter_pairs_input(wildcards):
+    return [p for pair in _segmenter_pairs() for p in pair]
+
+
+def segmenter_pairs_flag(wildcards):
+    pairs = _segmenter_pairs()
+    return ("--images " + " ".join(shlex.quote(i) for i, _ in pairs)
+            + " --masks " + " ".join(shlex.quote(m) for _, m in pairs))
+
+
+def segmenter_weights_flag(wildcards):
+    weights = SEGMENTATION["train"]["imagenet_weights"]
+    return f"--imagenet-weights {shlex.quote(weights)}" if weights else ""
+
+
+# ---- training, evaluation, prognosis -------------------------------------------------------
+
+
+def train_params(name, sites, class_weight=True):
+    return dict(
+        name=name,
+        backend=TRAINING["backend"],
+        out=lambda wc, output: Path(output.model).parent,
+        epochs=TRAINING["epochs"][name],
+        sites=",".join(sites),
+        class_weight=f"--class-weight {TRAINING['class_weight']}" if class_weight else "",
+        augment="--augment" if TRAINING["augment"] else "",
+        tracking=TRACKING,
+        t={k: TRAINING[k] for k in ("batch_size", "lr", "lr_factor", "lr_patience", "val_fraction",
+                                    "seed", "mixed_precision", "workers")},
+    )
+
+
+TRAIN_SHELL = (
+    "KERAS_BACKEND={params.backend} covidct train --name {params.name} --task {params.task}"
+    " --sheet {input.sheets} --rois {input.rois} --out {params.out} {params.init}"
+    " --epochs {params.epochs} --batch-size {params.t[batch_size]} --lr {params.t[lr]}"
+    " --lr-factor {params.t[lr_factor]} --lr-patience {params.t[lr_patience]}"
+    " {params.class_weight} --val-fraction {params.t[val_fraction]} --seed {params.t[seed]}"
+    " {params.augment} --mixed-precision {params.t[mixed_precision]}"
+    " --workers {params.t[workers]} --tag rule={params.name} --tag sites={params.sites}"
+    " {params.tracking} > {log} 2>&1"
+)
+
+# model -> the folder of its per-site evaluation, below results/
+EVAL_DIRS = {"finetune_covid": "eval/{site}", "random_init": "eval/{site}/random_init"}
+
+
+def eval_file(model, name, site="{site}"):
+    return f"{RESULTS}/{EVAL_DIRS[model].format(site=site)}/{name}"
+
+
+def subgroup_flags(wildcards):
+    groups = SITES[wildcards.site].get("subgroups", {})
+    return " ".join(f"--subgroup {name}={','.join(labels)}" for name, labels in groups.items())
+
+
+def validate_flag(wildcards, input):
+    return f"--validate {' '.join(input.validate)}" if input.validate else ""
+
+
+def layers_flag(wildcards):
+    return f"--layers {' '.join(EXPLAIN['layers'])}" if EXPLAIN["layers"] else ""
+
+
+def final_outputs():
+    outputs = [f"{patient_dir(r)}/roi.zarr" for r in samples.itertuples()]
+    outputs += [f"{RESULTS}/tables/qc_summary.tsv"]
+    if TRAIN_SITES and PRETRAIN_SITES:
+        outputs += [f"{RESULTS}/models/{m}/run.json" for m in ("finetune_covid", "random_init")]
+        outputs += [eval_file("finetune_covid", "metrics.json", s) for s in EVAL_SITES]
+        outputs += [f"{RESULTS}/tables/table2.md", f"{RESULTS}/tables/table_s2.md"]
+        outputs += [f"{RESULTS}/prognosis/cox.json", f"{RESULTS}/tables/table_s3.md"]
+        outputs += [f"{RESULTS}/explain/feature_pca.png"]
+    return outputs

@@ -1,0 +1,72 @@
+"""Bad rows in a user's sheet: one clear error per patient, the other patients finish."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pandas as pd
+import yaml
+
+from test_workflow import SNAKEMAKE, _snakemake, _workdir
+
+
+def _config(workdir, sheet):
+    cfg = {"samples": str(sheet), "sites": {"realsite": {"role": "diagnosis"}},
+           "roi": {"size": [8, 32, 48]}, "segmentation": {"method": "threshold"}}
+    path = workdir / "real.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _row(patient, image, label="covid"):
+    return {"patient": patient, "site": "realsite", "image": str(image), "task": "covid",
+            "label": label, "age": 50, "sex": "M", "comorbidity": 0, "stay_days": "",
+            "discharged": ""}
+
+
+def test_bad_scans_fail_alone_and_name_patient_and_file(repo, real_data, tmp_path):
+    workdir = _workdir(repo, tmp_path / "run")
+    truncated = tmp_path / "truncated.nii.gz"
+    truncated.write_bytes((real_data / "covid_ct_md" / "P002_ct_bin4x4x1.nii.gz").read_bytes()[:5000])
+    empty = tmp_path / "empty_folder"
+    empty.mkdir()
+    missing = tmp_path / "nowhere" / "ct.nii.gz"
+    rows = [_row("good1", real_data / "covid_ct_md" / "P001_ct_bin4x4x1.nii.gz"),
+            _row("good2", real_data / "covid_ct_md" / "cap001_ct_bin4x4x1.nii.gz", "bacterial"),
+            _row("trunc1", truncated), _row("empty1", empty), _row("missing1", missing)]
+    sheet = tmp_path / "samples.tsv"
+    pd.DataFrame(rows).to_csv(sheet, sep="\t", index=False)
+    config = _config(workdir, sheet)
+    targets = [f"results/patients/realsite/{r['patient']}/roi.zarr" for r in rows]
+    proc = _snakemake(workdir, "--cores", "2", "--keep-going", "--configfile", str(config),
+                      *targets, check=False)
+    assert proc.returncode != 0
+    results = workdir / "results" / "patients" / "realsite"
+    assert (results / "good1" / "roi.zarr" / "zarr.json").exists()
+    assert (results / "good2" / "roi.zarr" / "zarr.json").exists()
+    for bad, path in (("trunc1", truncated), ("empty1", empty), ("missing1", missing)):
+        assert not (results / bad / "ct.zarr").exists()
+        log = (workdir / "logs" / "ingest" / "realsite" / f"{bad}.log").read_text()
+        error = [line for line in log.splitlines() if "error" in line.lower()]
+        assert error, log
+        assert f"patient {bad}" in error[-1] and path.name in error[-1], error[-1]
+    # nothing half-written is left beside the stores
+    assert not list(results.rglob(".*.tmp-*"))
+
+
+def test_unknown_label_or_site_stops_before_any_job(repo, real_data, tmp_path):
+    workdir = _workdir(repo, tmp_path / "run")
+    image = real_data / "covid_ct_md" / "P001_ct_bin4x4x1.nii.gz"
+    rows = [_row("p1", image), _row("p2", image, label="influenza"),
+            dict(_row("p3", image), site="atlantis")]
+    sheet = tmp_path / "samples.tsv"
+    pd.DataFrame(rows).to_csv(sheet, sep="\t", index=False)
+    config = _config(workdir, sheet)
+    proc = subprocess.run([SNAKEMAKE, "-n", "--configfile", str(config)], cwd=workdir,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    text = proc.stdout + proc.stderr
+    assert "patient p2: label 'influenza'" in text
+    assert "patient p3: site 'atlantis' has no role" in text
+    assert not (workdir / "results" / "patients").exists()
