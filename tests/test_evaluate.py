@@ -1,0 +1,307 @@
+"""predict-site, evaluate and tables through the real command line: real Keras model files, real
+Zarr stores, a real MLflow SQLite backend. Values are checked against scikit-learn and against
+formulas written out here, never against numbers the code produced before."""
+
+from __future__ import annotations
+
+import json
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
+os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+from matplotlib.image import imread  # noqa: E402
+from sklearn.metrics import (accuracy_score, confusion_matrix, f1_score, recall_score,  # noqa: E402
+                             roc_auc_score)
+
+from covidct.cli import main  # noqa: E402
+
+METRIC_KEYS = {"n", "n_positive", "auc", "auc_ci", "accuracy", "sensitivity", "specificity", "f1",
+               "threshold", "youden", "hosmer_lemeshow", "confusion", "calibration", "notes"}
+
+
+def make_predictions(path: Path, site: str, n: int, seed: int, *, model: str = "finetune_covid",
+                     separation: float = 1.5, only_covid: bool = False) -> pd.DataFrame:
+    """A predictions.csv like predict-site writes: COVID-19 vs viral/bacterial pneumonia."""
+    rng = np.random.default_rng(seed)
+    if only_covid:
+        labels = np.array(["covid"] * n)
+    else:
+        labels = rng.choice(["covid", "viral", "bacterial"], size=n, p=[0.5, 0.25, 0.25])
+    y = (labels == "covid").astype(int)
+    logit = separation * (2 * y - 1) + rng.normal(0, 1.2, n)
+    df = pd.DataFrame({"patient": [f"{site}-{i:03d}" for i in range(n)], "site": site,
+                       "label": labels, "y": y, "probability": 1 / (1 + np.exp(-logit))})
+    for k in range(64):
+        df[f"feature_{k}"] = rng.normal(size=n)
+    df["model"] = model
+    path.parent.mkdir(parents=True, exist_ok=True)
+    df.to_csv(path, index=False)
+    return df
+
+
+def png_shape(path: Path) -> tuple:
+    return imread(path).shape
+
+
+# ----------------------------------------------------------------------------- evaluate
+def test_evaluate_cli_metrics_against_sklearn(tmp_path, caplog):
+    train = make_predictions(tmp_path / "train" / "predictions.csv", "Wuhan", 150, seed=1)
+    val = make_predictions(tmp_path / "val" / "predictions.csv", "Anhui", 120, seed=2)
+    out = tmp_path / "eval" / "Anhui"
+    rc = main(["evaluate", str(tmp_path / "val" / "predictions.csv"), str(out),
+               "--threshold", "0.6", "--youden-from", str(tmp_path / "train" / "predictions.csv"),
+               "--subgroup", "viral=covid,viral", "empty=fungal", "--role", "diagnosis"])
+    assert rc == 0
+    assert {p.name for p in out.iterdir()} == {"metrics.json", "roc.png", "calibration.png"}
+    assert png_shape(out / "roc.png")[2] in (3, 4) and png_shape(out / "calibration.png")[0] > 100
+    m = json.loads((out / "metrics.json").read_text())
+    assert METRIC_KEYS <= set(m) and "subgroups" in set(m)
+    assert m["site"] == "Anhui" and m["model"] == "finetune_covid" and m["role"] == "diagnosis"
+
+    y, p = val["y"].to_numpy(), val["probability"].to_numpy()
+    pred = (p >= 0.6).astype(int)
+    assert m["n"] == 120 and m["n_positive"] == int(y.sum())
+    assert m["auc"] == pytest.approx(roc_auc_score(y, p), abs=1e-12)
+    assert m["auc_ci"][0] < m["auc"] < m["auc_ci"][1] and m["auc_ci"][1] - m["auc_ci"][0] < 0.25
+    assert m["threshold"] == 0.6
+    assert m["accuracy"] == pytest.approx(accuracy_score(y, pred))
+    assert m["sensitivity"] == pytest.approx(recall_score(y, pred))
+    assert m["specificity"] == pytest.approx(recall_score(y, pred, pos_label=0))
+    assert m["f1"] == pytest.approx(f1_score(y, pred))
+    tn, fp, fn, tp = confusion_matrix(y, pred).ravel()
+    assert m["confusion"] == {"tn": tn, "fp": fp, "fn": fn, "tp": tp}
+    assert sum(m["calibration"]["bin_count"]) == 120 and len(m["calibration"]["bin_count"]) == 10
+    hl = m["hosmer_lemeshow"]
+    assert hl["statistic"] > 0 and 0 <= hl["p"] <= 1 and hl["df"] == 8
+
+    # Youden threshold: the best J on the TRAINING predictions (exhaustive search with sklearn),
+    # then applied to this site
+    ty, tp_ = train["y"].to_numpy(), train["probability"].to_numpy()
+    yd = m["youden"]
+    tpred = (tp_ >= yd["threshold"]).astype(int)
+    j = recall_score(ty, tpred) + recall_score(ty, tpred, pos_label=0) - 1
+    best = max(recall_score(ty, (tp_ >= t).astype(int)) +
+               recall_score(ty, (tp_ >= t).astype(int), pos_label=0) - 1 for t in np.unique(tp_))
+    assert j == pytest.approx(best)
+    vpred = (p >= yd["threshold"]).astype(int)
+    assert yd["sensitivity"] == pytest.approx(recall_score(y, vpred))
+    assert yd["specificity"] == pytest.approx(recall_score(y, vpred, pos_label=0))
+    assert "predictions.csv" in yd["source"]
+
+    # subgroup: COVID-19 vs viral pneumonia only
+    sel = val["label"].isin(["covid", "viral"]).to_numpy()
+    sub = m["subgroups"]["viral"]
+    assert METRIC_KEYS <= set(sub)
+    assert sub["n"] == int(sel.sum()) and sub["labels"] == ["covid", "viral"]
+    assert sub["auc"] == pytest.approx(roc_auc_score(y[sel], p[sel]), abs=1e-12)
+    assert sub["specificity"] == pytest.approx(recall_score(y[sel], pred[sel], pos_label=0))
+    # empty subgroup: no crash, everything null, a note naming the labels
+    empty = m["subgroups"]["empty"]
+    assert empty["n"] == 0 and empty["auc"] is None and empty["accuracy"] is None
+    assert any("fungal" in note for note in empty["notes"])
+
+
+def test_evaluate_bootstrap_ci_near_delong(tmp_path):
+    make_predictions(tmp_path / "p.csv", "Henan", 200, seed=5, separation=0.8)
+    main(["evaluate", str(tmp_path / "p.csv"), str(tmp_path / "d")])
+    main(["evaluate", str(tmp_path / "p.csv"), str(tmp_path / "b"), "--ci", "bootstrap",
+          "--n-bootstrap", "1000", "--seed", "3"])
+    d = json.loads((tmp_path / "d" / "metrics.json").read_text())
+    b = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert b["ci_method"] == "bootstrap" and b["n_bootstrap"] == 1000
+    assert b["auc"] == pytest.approx(d["auc"], abs=1e-12) and 0.7 < d["auc"] < 0.95
+    assert b["auc_ci"] == pytest.approx(d["auc_ci"], abs=0.03)
+    assert "optimistic" in d["youden"]["source"]            # no --youden-from: chosen on itself
+
+
+def test_evaluate_one_class_site(tmp_path):
+    df = make_predictions(tmp_path / "p.csv", "Beijing", 40, seed=3, only_covid=True)
+    out = tmp_path / "out"
+    assert main(["evaluate", str(tmp_path / "p.csv"), str(out), "--threshold", "0.5",
+                 "--subgroup", "viral=covid,viral"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["auc"] is None and m["auc_ci"] is None and m["specificity"] is None
+    assert "only COVID-19 patients: AUC and specificity undefined" in m["notes"]
+    frac = float((df["probability"] >= 0.5).mean())
+    assert m["sensitivity"] == pytest.approx(frac) and m["accuracy"] == pytest.approx(frac)
+    assert m["confusion"]["tn"] == 0 and m["confusion"]["fp"] == 0
+    assert m["youden"]["threshold"] is None
+    assert m["subgroups"]["viral"]["auc"] is None and m["subgroups"]["viral"]["n"] == 40
+    assert (out / "roc.png").is_file() and (out / "calibration.png").is_file()
+
+
+def test_evaluate_bad_input_names_patient_and_file(tmp_path, capsys):
+    df = make_predictions(tmp_path / "p.csv", "Anhui", 10, seed=4)
+    df.loc[3, "probability"] = np.nan
+    df.to_csv(tmp_path / "p.csv", index=False)
+    assert main(["evaluate", str(tmp_path / "p.csv"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "patient Anhui-003" in err and "p.csv" in err and "not in [0, 1]" in err
+    assert not (tmp_path / "out" / "metrics.json").exists()
+
+
+def test_evaluate_mlflow_run(tmp_path):
+    from mlflow import MlflowClient
+
+    make_predictions(tmp_path / "p.csv", "Heilongjiang", 80, seed=6)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = tmp_path / "out"
+    assert main(["evaluate", str(tmp_path / "p.csv"), str(out), "--tracking-uri", uri,
+                 "--role", "diagnosis", "--threshold", "0.8",
+                 "--subgroup", "viral=covid,viral"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("covidct")
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1
+    r = runs[0]
+    assert r.data.tags["site"] == "Heilongjiang" and r.data.tags["role"] == "diagnosis"
+    assert r.data.tags["model"] == "finetune_covid"
+    assert r.data.metrics["auc"] == pytest.approx(m["auc"])
+    assert r.data.metrics["auc_ci_low"] == pytest.approx(m["auc_ci"][0])
+    assert r.data.metrics["specificity"] == pytest.approx(m["specificity"])
+    assert r.data.metrics["viral/auc"] == pytest.approx(m["subgroups"]["viral"]["auc"])
+    assert r.data.params["threshold"] == "0.8"
+    arts = {a.path for a in client.list_artifacts(r.info.run_id)}
+    assert {"metrics.json", "roc.png", "calibration.png"} <= arts
+
+
+# ----------------------------------------------------------------------------- tables
+def test_tables_fill_every_cell(tmp_path):
+    ev = tmp_path / "eval"
+    sites = {"Wuhan": 7, "Anhui": 8}
+    for site, seed in sites.items():
+        make_predictions(ev / site / "predictions.csv", site, 100, seed=seed, separation=1.6)
+        make_predictions(ev / site / "random_init" / "predictions.csv", site, 100, seed=seed,
+                         model="random_init", separation=0.6)
+    # random-init probabilities for the SAME patients and labels: keep patients/labels, new scores
+    for site, seed in sites.items():
+        pre = pd.read_csv(ev / site / "predictions.csv")
+        rnd = pd.read_csv(ev / site / "random_init" / "predictions.csv")
+        rnd[["patient", "label", "y"]] = pre[["patient", "label", "y"]]
+        rng = np.random.default_rng(seed + 100)
+        rnd["probability"] = 1 / (1 + np.exp(-(0.5 * (2 * rnd["y"] - 1) + rng.normal(0, 1.2, 100))))
+        rnd.to_csv(ev / site / "random_init" / "predictions.csv", index=False)
+    make_predictions(ev / "Beijing" / "predictions.csv", "Beijing", 30, seed=9, only_covid=True)
+    metrics, ablation = [], []
+    for site in ("Wuhan", "Anhui", "Beijing"):
+        assert main(["evaluate", str(ev / site / "predictions.csv"), str(ev / site),
+                     "--subgroup", "viral=covid,viral"]) == 0
+        metrics.append(str(ev / site / "metrics.json"))
+    for site in sites:
+        assert main(["evaluate", str(ev / site / "random_init" / "predictions.csv"),
+                     str(ev / site / "random_init")]) == 0
+        ablation.append(str(ev / site / "random_init" / "metrics.json"))
+    out = tmp_path / "tables"
+    assert main(["tables", "--metrics", *metrics, "--ablation", *ablation,
+                 "--out-dir", str(out)]) == 0
+    assert {"table2.csv", "table2.md", "table_s2.csv", "table_s2.md", "figure3a_roc.png",
+            "figure3b_calibration.png"} <= {p.name for p in out.iterdir()}
+
+    t2 = pd.read_csv(out / "table2.csv", index_col=0, dtype=str, keep_default_na=False)
+    assert list(t2.columns) == ["Wuhan", "Wuhan viral", "Anhui", "Anhui viral", "Beijing",
+                                "Beijing viral"]
+    for row in ("n", "AUC (95% CI)", "Accuracy (%)", "Sensitivity (%)", "Specificity (%)",
+                "F1-score (%)"):
+        assert row in t2.index
+    assert (t2 != "").all().all() and not t2.isna().any().any()
+    wuhan = json.loads((ev / "Wuhan" / "metrics.json").read_text())
+    assert t2.loc["AUC (95% CI)", "Wuhan"] == (f"{wuhan['auc']:.2f} ({wuhan['auc_ci'][0]:.2f}-"
+                                               f"{wuhan['auc_ci'][1]:.2f})")
+    assert t2.loc["Sensitivity (%)", "Wuhan"] == f"{100 * wuhan['sensitivity']:.2f}"
+    assert t2.loc["n", "Wuhan viral"] == str(wuhan["subgroups"]["viral"]["n"])
+    assert t2.loc["AUC (95% CI)", "Beijing"] == "n/a (one class)"
+    assert t2.loc["Specificity (%)", "Beijing"] == "n/a (one class)"
+    assert t2.loc["Sensitivity (%)", "Beijing"] != "n/a (one class)"
+    md = (out / "table2.md").read_text()
+    assert "| metric | Wuhan |" in md and "n/a (one class)" in md
+
+    s2 = pd.read_csv(out / "table_s2.csv", dtype=str, keep_default_na=False)
+    assert (s2 != "").all().all()
+    assert len(s2) == 6                                      # 2 random-init, 2 pretrained, 2 diffs
+    for site in sites:
+        pre = json.loads((ev / site / "metrics.json").read_text())
+        rnd = json.loads((ev / site / "random_init" / "metrics.json").read_text())
+        diff = s2[(s2["Method"].str.startswith("Difference")) & (s2["Dataset"] == site)].iloc[0]
+        assert diff["AUC (95% CI)"].startswith(f"{pre['auc'] - rnd['auc']:+.3f} (")
+        assert "paired DeLong" in diff["AUC (95% CI)"]
+        assert diff["Accuracy (%)"] == f"{100 * (pre['accuracy'] - rnd['accuracy']):+.2f}"
+        rnd_row = s2[(s2["Method"].str.startswith("Random")) & (s2["Dataset"] == site)].iloc[0]
+        assert rnd_row["AUC (95% CI)"].startswith(f"{rnd['auc']:.2f} (")
+    assert png_shape(out / "figure3a_roc.png")[0] > 100
+
+
+# ----------------------------------------------------------------------------- predict-site
+def test_predict_site_tiny_model(tmp_path, capsys):
+    import keras
+
+    from covidct.zarrio import write_image
+
+    inp = keras.Input((4, 8, 12, 1))
+    x = keras.layers.Conv3D(3, 3, padding="same", activation="relu")(inp)
+    x = keras.layers.GlobalAveragePooling3D()(x)
+    feat = keras.layers.Dense(64, name="dl_feature")(x)
+    outp = keras.layers.Dense(1, activation="sigmoid")(feat)
+    model = keras.Model(inp, outp)
+    model_path = tmp_path / "models" / "finetune_covid" / "model.keras"
+    model_path.parent.mkdir(parents=True)
+    model.save(model_path)
+
+    rng = np.random.default_rng(0)
+    labels = {"P1": "covid", "P2": "viral", "P3": "covid"}
+    rois, arrays = [], {}
+    for pid in labels:
+        arr = rng.normal(size=(4, 8, 12)).astype(np.float16)
+        arrays[pid] = arr
+        rois.append(str(write_image(tmp_path / "patients" / "Anhui" / pid / "roi.zarr", arr,
+                                    spacing=(5.0, 1.0, 1.0))))
+    sheet = tmp_path / "samples.tsv"
+    rows = ["patient\tsite\timage\ttask\tlabel"]
+    rows += [f"{pid}\tAnhui\t/data/{pid}.nii.gz\tcovid\t{lab}" for pid, lab in labels.items()]
+    rows += ["Q9\tBeijing\t/data/Q9.nii.gz\tcovid\tcovid"]
+    sheet.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "eval" / "Anhui" / "predictions.csv"
+    assert main(["predict-site", "--model", str(model_path), "--sheet", str(sheet),
+                 "--site", "Anhui", "--rois", *rois, "--out", str(out), "--batch-size", "2"]) == 0
+
+    df = pd.read_csv(out)
+    assert list(df.columns) == (["patient", "site", "label", "y", "probability"]
+                                + [f"feature_{i}" for i in range(64)] + ["model"])
+    assert list(df["patient"]) == ["P1", "P2", "P3"]
+    assert list(df["y"]) == [1, 0, 1] and list(df["label"]) == ["covid", "viral", "covid"]
+    assert (df["site"] == "Anhui").all() and (df["model"] == "finetune_covid").all()
+    # probabilities and features equal the saved model's own outputs on the float16 ROI
+    batch = np.stack([arrays[p].astype(np.float32) for p in labels])[..., None]
+    expect_p = model.predict(batch, verbose=0)[:, 0]
+    expect_f = keras.Model(model.input, model.get_layer("dl_feature").output).predict(batch,
+                                                                                        verbose=0)
+    np.testing.assert_allclose(df["probability"], expect_p, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(df[[f"feature_{i}" for i in range(64)]].to_numpy(), expect_f,
+                               rtol=1e-5, atol=1e-5)
+    assert len(set(np.round(df["probability"], 6))) == 3
+
+    # a store of a patient the sheet puts at another site: one clear line, no output
+    other = write_image(tmp_path / "patients" / "Anhui" / "Q9" / "roi.zarr",
+                        arrays["P1"], spacing=(5.0, 1.0, 1.0))
+    out2 = tmp_path / "eval2" / "predictions.csv"
+    assert main(["predict-site", "--model", str(model_path), "--sheet", str(sheet), "--site",
+                 "Anhui", "--rois", rois[0], str(other), "--out", str(out2)]) == 2
+    err = capsys.readouterr().err
+    assert "patient Q9" in err and "roi.zarr" in err and "Beijing" in err
+    assert not out2.exists()
+    # a store whose shape does not fit the model input
+    bad = write_image(tmp_path / "patients" / "Anhui" / "P2" / "roi.zarr",
+                      np.zeros((4, 8, 10), np.float16), spacing=(5.0, 1.0, 1.0))
+    assert main(["predict-site", "--model", str(model_path), "--sheet", str(sheet), "--site",
+                 "Anhui", "--rois", str(bad), "--out", str(out2)]) == 2
+    err = capsys.readouterr().err
+    assert "patient P2" in err and "does not fit the model input" in err
