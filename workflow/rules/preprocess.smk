@@ -49,6 +49,7 @@ rule roi:
     params:
         size=" ".join(str(s) for s in config["roi"]["size"]),
         fallback="--allow-fallback" if SEGMENTATION["allow_fallback"] else "",
+        min_pixels=config["roi"]["min_pixels"],
     log:
         "logs/roi/{site}/{patient}.log",
     conda:
@@ -57,7 +58,7 @@ rule roi:
         "preprocess"
     shell:
         "covidct roi {input.ct} {input.lung} {output.roi} --size {params.size} --qc {output.qc}"
-        " {params.fallback} --patient {wildcards.patient} --site {wildcards.site} > {log} 2>&1"
+        " --min-pixels {params.min_pixels} {params.fallback} --patient {wildcards.patient} --site {wildcards.site} > {log} 2>&1"
 
 
 rule qc_summary:
