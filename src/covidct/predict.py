@@ -154,7 +154,8 @@ def predict_site(model_path: str | Path, sheet: pd.DataFrame, site: str,
 
 def add_arguments_predict_site(parser) -> None:
     parser.add_argument("--model", required=True, type=Path, help="trained model (.keras)")
-    parser.add_argument("--sheet", required=True, type=Path, help="sample sheet (TSV)")
+    parser.add_argument("--sheet", required=True, nargs="+", type=Path,
+                        help="sample sheet(s) (TSV), e.g. the site's sheet")
     parser.add_argument("--site", required=True, help="the site these patients belong to")
     parser.add_argument("--rois", required=True, nargs="+", type=Path, metavar="ROI.zarr",
                         help="ROI stores, results/patients/{site}/{patient}/roi.zarr "

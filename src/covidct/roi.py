@@ -250,7 +250,7 @@ def _roi_geometry(img, bbox, size):
 
 
 def make_roi(ct_path, lung_path, out_path, *, size=PAPER_SIZE, patient: str | None = None,
-             qc_path=None, allow_fallback: bool = False, min_area_fraction: float = 0.03,
+             site: str | None = None, qc_path=None, allow_fallback: bool = False, min_area_fraction: float = 0.03,
              min_slices: int = 3, min_pixels: int = 60, percentile: float = 95, n_std: float = 4,
              min_lung_ml: float = 200.0, max_lung_ml: float = 12000.0,
              max_body_fraction: float = 0.6) -> dict:
@@ -333,6 +333,8 @@ def make_roi(ct_path, lung_path, out_path, *, size=PAPER_SIZE, patient: str | No
                 break
     if patient:
         attrs["patient"] = patient
+    if site:
+        attrs["site"] = site
     zarrio.write_image(out_path, roi, spacing=spacing, origin=origin, direction=ct.direction,
                        attrs=attrs, chunks=roi.shape, name="roi")
     if qc_path:
@@ -353,6 +355,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--size", type=int, nargs=3, default=list(PAPER_SIZE), metavar=("D", "H", "W"),
                         help="ROI size (default: the paper's %(default)s)")
     parser.add_argument("--patient", default=None, help="patient id (for messages and attributes)")
+    parser.add_argument("--site", default=None, help="site of the patient (recorded for the QC summary)")
     parser.add_argument("--qc", default=None, metavar="QC.png", help="write the QC picture here")
     parser.add_argument("--allow-fallback", action="store_true",
                         help="on a failed segmentation crop the body's bounding box instead of failing")
@@ -370,7 +373,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    make_roi(args.ct, args.lung, args.out, size=tuple(args.size), patient=args.patient,
+    make_roi(args.ct, args.lung, args.out, size=tuple(args.size), patient=args.patient, site=args.site,
              qc_path=args.qc, allow_fallback=args.allow_fallback,
              min_area_fraction=args.min_area_fraction, min_slices=args.min_slices,
              min_pixels=args.min_pixels, percentile=args.percentile, n_std=args.n_std,

@@ -9,7 +9,7 @@ schema cannot express (unique ids, labels that fit the task, sites the config kn
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
 
 import pandas as pd
 
@@ -25,8 +25,12 @@ POSITIVE = {"egfr": "egfr_mutant", "covid": "covid"}
 ROLES = ("pretrain", "train", "diagnosis", "prognosis")
 
 
-def read_sheet(path: str | Path) -> pd.DataFrame:
-    """Read a TSV sample sheet with every column as text first, then typed."""
+def read_sheet(path: str | Path | Sequence[str | Path]) -> pd.DataFrame:
+    """Read a TSV sample sheet (or several, e.g. one per site, concatenated), then type it."""
+    if isinstance(path, (list, tuple)):
+        if not path:
+            raise CovidctError("no sample sheet given")
+        return pd.concat([read_sheet(p) for p in path], ignore_index=True)
     path = Path(path)
     if not path.exists():
         raise CovidctError("sample sheet not found", path=path)

@@ -16,7 +16,7 @@ validate(config, "../schemas/config.schema.yaml")
 # Rules call `covidct`. Appending the bin folder of the Python running Snakemake (e.g. .venv/bin)
 # finds it even when the user did not activate the environment; appended, not prepended, so that
 # a rule's conda environment (--use-conda) still comes first.
-shell.prefix(f"export PATH=\"$PATH:{Path(sys.executable).parent}\"; ")
+shell.prefix(f"export PATH=\"$PATH:{Path(sys.executable).parent}\" TF_CPP_MIN_LOG_LEVEL=2; ")
 
 SITES = config["sites"]
 SYNTHETIC = not config.get("samples")
@@ -201,7 +201,7 @@ def train_params(name, sites, class_weight=True):
         augment="--augment" if TRAINING["augment"] else "",
         tracking=TRACKING,
         t={k: TRAINING[k] for k in ("batch_size", "lr", "lr_factor", "lr_patience", "val_fraction",
-                                    "seed", "mixed_precision", "workers")},
+                                    "seed", "mixed_precision", "workers", "bn_momentum")},
     )
 
 
@@ -210,6 +210,7 @@ TRAIN_SHELL = (
     " --sheet {input.sheets} --rois {input.rois} --out {params.out} {params.init}"
     " --epochs {params.epochs} --batch-size {params.t[batch_size]} --lr {params.t[lr]}"
     " --lr-factor {params.t[lr_factor]} --lr-patience {params.t[lr_patience]}"
+    " --bn-momentum {params.t[bn_momentum]}"
     " {params.class_weight} --val-fraction {params.t[val_fraction]} --seed {params.t[seed]}"
     " {params.augment} --mixed-precision {params.t[mixed_precision]}"
     " --workers {params.t[workers]} --tag rule={params.name} --tag sites={params.sites}"

@@ -1,0 +1,164 @@
+"""Benchmark of the DenseNet121-FPN lung segmenter (covidct.fpn). Prints its figures.
+
+(a) trains the FPN on N scans of the synthetic cohort (covidct.synth.make_patient with the
+    ``synthetic:`` section of config/config.yaml, exact lung masks), or loads ``--model``;
+(b) prints the Dice of its mask on the real COPDGene case (CIP ct-64.nrrd against the
+    independent wholeLung-64.nrrd, both reoriented to LPS);
+(c) prints FPN inference speed (slices per second, whole predict_probability path: normalise,
+    network, resize back) at 256x256 and 128x128, with one CPU thread and with all cores
+    (each in a fresh process, since TensorFlow fixes its thread pools at start-up).
+
+    .venv/bin/python benchmarks/bench_fpn.py --n 36 --epochs 3 --out /tmp/fpn_bench
+    .venv/bin/python benchmarks/bench_fpn.py --model /tmp/fpn_bench/model/model.keras --no-speed
+
+The trained model goes under --out (default /tmp/fpn_bench), never into git.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+REPO = Path(__file__).resolve().parents[1]
+REAL = Path(os.environ.get("COVIDCT_REAL_DATA", REPO.parent / "shared" / "data" / "real"))
+
+
+def synthetic_rows(n: int, config: Path):
+    """The first ``n`` patients of the synthetic cohort, taken round-robin over its sites."""
+    import yaml
+
+    from covidct import synth
+
+    table = synth.cohort_table(yaml.safe_load(config.read_text()))
+    by_site = [g for _, g in table.groupby("site", sort=False)]
+    rows, i = [], 0
+    while len(rows) < n and any(i < len(g) for g in by_site):
+        rows += [g.iloc[i] for g in by_site if i < len(g)]
+        i += 1
+    return rows[:n]
+
+
+def train(args) -> Path:
+    import numpy as np
+
+    from covidct import fpn, synth
+
+    t0 = time.perf_counter()
+    volumes = []
+    for row in synthetic_rows(args.n, args.config):
+        ct, mask, spacing, _ = synth.make_patient(row)
+        volumes.append(fpn.prepare_volume(row["patient"], ct, mask, args.size))
+    n_slices = sum(v.image.shape[0] for v in volumes)
+    print(f"synthetic scans: {len(volumes)} ({n_slices} slices, lung fraction "
+          f"{np.mean([v.mask.mean() for v in volumes]):.3f}) made in "
+          f"{time.perf_counter() - t0:.0f} s", flush=True)
+    t0 = time.perf_counter()
+    record = fpn.train_segmenter(
+        [], [], args.out / "model", epochs=args.epochs, batch_size=args.batch_size,
+        size=args.size, slices_per_scan=args.slices_per_scan, lr=args.lr, seed=args.seed,
+        val_fraction=0.2, tracking_uri=f"sqlite:///{args.out}/mlflow.db",
+        experiment="bench-fpn", volumes=volumes)
+    print(f"training: {args.epochs} epochs in {time.perf_counter() - t0:.0f} s, "
+          f"selected epoch {record['selected_epoch']}, val_dice {record['val_dice']:.4f}",
+          flush=True)
+    for h in record["history"]:
+        print(f"  epoch {h['epoch']}: loss {h['loss']:.4f} val_dice {h.get('val_dice', float('nan')):.4f}"
+              f" ({h['seconds']:.0f} s)")
+    return args.out / "model" / "model.keras"
+
+
+def copdgene_dice(model: Path) -> None:
+    import SimpleITK as sitk
+
+    from covidct import fpn
+
+    folder = REAL / "cip_copdgene"
+    ct_img = sitk.DICOMOrient(sitk.ReadImage(str(folder / "ct-64.nrrd")), "LPS")
+    ref_img = sitk.DICOMOrient(sitk.ReadImage(str(folder / "wholeLung-64.nrrd")), "LPS")
+    ct = sitk.GetArrayFromImage(ct_img)
+    ref = sitk.GetArrayFromImage(ref_img) > 0
+    spacing = ct_img.GetSpacing()[::-1]
+    t0 = time.perf_counter()
+    prob = fpn.predict_probability(ct, fpn.load_model(model), batch_size=16)
+    raw = prob >= fpn.THRESHOLD
+    mask = fpn.postprocess_mask(raw)
+    dt = time.perf_counter() - t0
+    print(f"COPDGene ct-64 ({'x'.join(map(str, ct.shape))} z,y,x): Dice {fpn.dice(mask, ref):.4f} "
+          f"(before post-processing {fpn.dice(raw, ref):.4f}); lung {mask.sum()} vs reference "
+          f"{ref.sum()} voxels; {dt:.1f} s", flush=True)
+
+
+def speed_child(size: int, threads: int, n_slices: int, batch_size: int) -> None:
+    """Runs in a fresh process: slices/s of predict_probability at ``size``."""
+    import numpy as np
+
+    from covidct import fpn
+
+    fpn.set_threads(threads)
+    model = fpn.build_fpn(size)
+    rng = np.random.default_rng(0)
+    ct = rng.normal(-500, 300, (n_slices, 256, 256)).astype(np.int16)   # a 256x256 CT
+    fpn.predict_probability(ct[:batch_size * 2], model, batch_size=batch_size, compiled=True)
+    t0 = time.perf_counter()
+    fpn.predict_probability(ct, model, batch_size=batch_size, compiled=True)
+    dt = time.perf_counter() - t0
+    print(json.dumps({"size": size, "threads": threads, "slices": n_slices,
+                      "slices_per_s": n_slices / dt}))
+
+
+def speed(args) -> None:
+    cores = os.cpu_count() or 1
+    for size in (256, 128):
+        for threads in (1, cores):
+            cmd = [sys.executable, __file__, "--speed-child", str(size), str(threads),
+                   "--speed-slices", str(args.speed_slices)]
+            env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+            out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
+            if out.returncode or not lines:
+                print(f"speed {size}x{size}, {threads} thread(s): failed\n{out.stderr[-2000:]}")
+                continue
+            r = json.loads(lines[-1])
+            print(f"FPN inference {size}x{size}, {threads} thread(s) of {cores}: "
+                  f"{r['slices_per_s']:.1f} slices/s ({r['slices']} slices, batch 16)", flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=36, help="synthetic scans to train on (%(default)s)")
+    p.add_argument("--config", type=Path, default=REPO / "config" / "config.yaml")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--slices-per-scan", type=int, default=24)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("/tmp/fpn_bench"))
+    p.add_argument("--model", type=Path, default=None, help="use this model instead of training")
+    p.add_argument("--no-speed", action="store_true", help="skip the speed measurements")
+    p.add_argument("--speed-slices", type=int, default=64)
+    p.add_argument("--speed-child", type=int, nargs=2, metavar=("SIZE", "THREADS"),
+                   help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.speed_child:
+        speed_child(args.speed_child[0], args.speed_child[1], args.speed_slices, 16)
+        return
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    model = args.model or train(args)
+    copdgene_dice(model)
+    if not args.no_speed:
+        speed(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,204 @@
+"""Batches of lung ROIs for Keras, read from per-patient ``roi.zarr`` stores.
+
+:class:`RoiDataset` is a ``keras.utils.PyDataset``: Keras calls ``__getitem__`` from a pool of
+threads (``workers=N``; never processes: Zarr reads and Blosc release the GIL), so reading and
+augmenting the next batches overlaps with the training step. Everything random is drawn from
+generators seeded by (seed, epoch, patient index), so a run is reproducible whatever order the
+threads finish in:
+
+* shuffling: a new permutation of the patients at every epoch (``shuffle=True``);
+* augmentation: one random in-plane rotation / scale / shift per volume, applied identically to
+  every slice (the authors' slice-wise affine), see :func:`slicewise_affine`;
+* sample weights: from a class-weight dict ({0: 5.0, 1: 1.0} = cost x5 for non-COVID).
+
+Batches are float32 (B, D, H, W, 1); with labels, ``(x, y)`` or ``(x, y, w)``.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import keras
+import numpy as np
+from scipy import ndimage
+
+from covidct.errors import CovidctError
+from covidct.zarrio import open_image, read_array
+
+
+@dataclass(frozen=True)
+class Augment:
+    """Ranges of the random slice-wise affine (uniform draws, one per volume)."""
+
+    rotation_deg: float = 10.0      # in-plane rotation in [-r, r] degrees
+    scale: float = 0.1              # isotropic in-plane zoom in [1 - s, 1 + s]
+    shift: float = 0.05             # in-plane shift in [-s, s] x the slice size (y and x)
+    order: int = 1                  # spline order of the resampling (1 = linear)
+
+
+def patient_of(roi_path: str | Path) -> str:
+    """The patient id of ``results/patients/{site}/{patient}/roi.zarr``: the folder above it."""
+    return Path(roi_path).resolve().parent.name
+
+
+def roi_shape(roi_path: str | Path) -> tuple[int, int, int]:
+    """The (D, H, W) of a ROI store, read from its metadata (no voxels read)."""
+    try:
+        shape = tuple(int(s) for s in open_image(roi_path).array.shape)
+    except Exception as err:  # noqa: BLE001 - any unreadable store is a user-data error
+        raise CovidctError(f"cannot open ROI store ({err})", patient=patient_of(roi_path),
+                           path=roi_path) from err
+    if len(shape) != 3:
+        raise CovidctError(f"ROI must be 3-D (D, H, W), found shape {shape}",
+                           patient=patient_of(roi_path), path=roi_path)
+    return shape  # type: ignore[return-value]
+
+
+def slicewise_affine(volume: np.ndarray, rng: np.random.Generator,
+                     augment: Augment = Augment()) -> np.ndarray:
+    """Rotate, zoom and shift every slice of ``volume`` (D, H, W) by the same random transform.
+
+    The transform maps output (y, x) to input coordinates about the slice centre; the z axis is
+    untouched. Voxels mapped from outside the ROI take the nearest edge value.
+    """
+    _, h, w = volume.shape
+    angle = math.radians(rng.uniform(-augment.rotation_deg, augment.rotation_deg))
+    zoom = rng.uniform(1.0 - augment.scale, 1.0 + augment.scale)
+    shift = rng.uniform(-augment.shift, augment.shift, size=2) * np.array([h, w])
+    cos, sin = math.cos(angle) / zoom, math.sin(angle) / zoom
+    matrix = np.array([[1.0, 0.0, 0.0], [0.0, cos, -sin], [0.0, sin, cos]])
+    centre = np.array([0.0, (h - 1) / 2.0, (w - 1) / 2.0])
+    offset = centre - matrix @ (centre + np.array([0.0, shift[0], shift[1]]))
+    return ndimage.affine_transform(volume, matrix, offset=offset, order=augment.order,
+                                    mode="nearest", output=np.float32)
+
+
+class RoiDataset(keras.utils.PyDataset):
+    """Batches of ROIs from ``roi.zarr`` stores, optionally with labels and sample weights.
+
+    Args:
+        paths: one roi.zarr per patient.
+        labels: 0/1 per path (None: batches are ``(x,)`` for prediction).
+        batch_size: patients per batch; the last batch may be smaller.
+        shuffle: a new seeded permutation at every epoch.
+        seed: seeds shuffling and augmentation.
+        class_weight: {label: weight}; adds a third element, the per-sample weights.
+        augment: None/False (off), True (default :class:`Augment`) or an :class:`Augment`.
+        cache: keep up to this many decoded volumes in memory (0 = read every time).
+        workers, use_multiprocessing, max_queue_size: as ``keras.utils.PyDataset``
+            (``use_multiprocessing`` must stay False: the reads run in threads).
+    """
+
+    def __init__(self, paths: Sequence[str | Path], labels: Sequence[int] | None = None, *,
+                 batch_size: int = 4, shuffle: bool = False, seed: int = 0,
+                 class_weight: Mapping[int, float] | None = None,
+                 augment: Augment | bool | None = None, cache: int = 0,
+                 workers: int = 1, use_multiprocessing: bool = False, max_queue_size: int = 10):
+        if use_multiprocessing:
+            raise ValueError("RoiDataset reads Zarr with threads; use_multiprocessing must be False")
+        super().__init__(workers=workers, use_multiprocessing=False, max_queue_size=max_queue_size)
+        self.paths = [Path(p) for p in paths]
+        if not self.paths:
+            raise CovidctError("no ROI stores given")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.labels = None if labels is None else np.asarray(labels, dtype=np.float32)
+        if self.labels is not None and len(self.labels) != len(self.paths):
+            raise ValueError(f"{len(self.labels)} labels for {len(self.paths)} ROI stores")
+        if class_weight is not None and self.labels is None:
+            raise ValueError("class_weight needs labels")
+        self.class_weight = None if class_weight is None else {
+            int(k): float(v) for k, v in class_weight.items()}
+        self.batch_size = int(batch_size)
+        self.shuffle = bool(shuffle)
+        self.seed = int(seed)
+        self.augment = Augment() if augment is True else (augment or None)
+        self.cache_size = int(cache)
+        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+        self.epoch = 0
+        self.read_seconds = 0.0     # time spent inside __getitem__ (benchmarks read it)
+        self.order = self._order_for(0)
+
+    # ---- ordering -------------------------------------------------------------------------
+    def _order_for(self, epoch: int) -> np.ndarray:
+        n = len(self.paths)
+        if not self.shuffle:
+            return np.arange(n)
+        return np.random.default_rng([self.seed, epoch]).permutation(n)
+
+    def on_epoch_end(self):
+        self.epoch += 1
+        self.order = self._order_for(self.epoch)
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.paths) / self.batch_size)
+
+    def batch_indices(self, index: int) -> np.ndarray:
+        """Indices into ``paths`` of batch ``index`` in the current epoch."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"batch {index} out of range (0..{len(self) - 1})")
+        return self.order[index * self.batch_size:(index + 1) * self.batch_size]
+
+    # ---- reading --------------------------------------------------------------------------
+    def read(self, i: int) -> np.ndarray:
+        """The float32 (D, H, W) volume of patient ``i`` (from the cache when it holds it)."""
+        if self.cache_size:
+            with self._lock:
+                hit = self._cache.get(i)
+                if hit is not None:
+                    self._cache.move_to_end(i)
+                    return hit
+        path = self.paths[i]
+        try:
+            volume = np.asarray(read_array(path), dtype=np.float32)
+        except Exception as err:  # noqa: BLE001 - name the patient and the store
+            raise CovidctError(f"cannot read ROI store ({err})", patient=patient_of(path),
+                               path=path) from err
+        if volume.ndim != 3:
+            raise CovidctError(f"ROI must be 3-D (D, H, W), found shape {volume.shape}",
+                               patient=patient_of(path), path=path)
+        if self.cache_size:
+            volume.setflags(write=False)
+            with self._lock:
+                self._cache[i] = volume
+                while len(self._cache) > self.cache_size:
+                    self._cache.popitem(last=False)
+        return volume
+
+    def sample(self, i: int, epoch: int | None = None) -> np.ndarray:
+        """Patient ``i``'s volume as the network sees it in ``epoch`` (augmented if configured)."""
+        volume = self.read(i)
+        if self.augment is not None:
+            rng = np.random.default_rng([self.seed, self.epoch if epoch is None else epoch, i,
+                                         0xA06])
+            volume = slicewise_affine(volume, rng, self.augment)
+        return volume
+
+    def __getitem__(self, index: int):
+        import time
+
+        start = time.perf_counter()
+        idx = self.batch_indices(index)
+        volumes = [self.sample(int(i)) for i in idx]
+        shapes = {v.shape for v in volumes}
+        if len(shapes) > 1:
+            raise CovidctError(f"ROI stores of one batch differ in shape: {sorted(shapes)}",
+                               path=", ".join(str(self.paths[i]) for i in idx))
+        x = np.stack(volumes)[..., None].astype(np.float32, copy=False)
+        out: tuple = (x,)
+        if self.labels is not None:
+            y = self.labels[idx].reshape(-1, 1)
+            out = (x, y)
+            if self.class_weight is not None:
+                w = np.array([self.class_weight.get(int(v), 1.0) for v in self.labels[idx]],
+                             dtype=np.float32)
+                out = (x, y, w)
+        with self._lock:
+            self.read_seconds += time.perf_counter() - start
+        return out

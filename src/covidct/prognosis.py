@@ -1,0 +1,532 @@
+"""``covidct prognosis``: stepwise Cox model on DL features + clinical data, risk groups, KM per site.
+
+Paper (Wang et al. 2020, "Prognostic value of the DL features", Table S3, Figure S1): the 64-d DL
+feature of COVID-19Net plus age, sex and comorbidity form the candidate covariates; stepwise
+selection picks a few; a multivariate Cox model on hospital stay (discharge = the event) gives a
+hazard per patient; the median training value splits high/low risk, and that cut-off is applied
+unchanged to the validation sites; Kaplan-Meier curves and the log-rank test compare the groups.
+
+Direction (stated in every output): the event is discharge, so a high hazard means a short stay.
+**risk = -log partial hazard of discharge; high risk = longer hospital stay.** Concretely
+``risk = -sum_j beta_j * (x_j - mean_j) / sd_j`` with the training mean/sd stored in cox.json.
+
+Cohort: COVID-19 patients (``y == 1`` in predictions.csv) with follow-up (``stay_days`` and
+``discharged`` both filled in the sample sheet, ``stay_days >= --min-follow-up``). Covariates:
+``feature_0 .. feature_63`` (named "DL feature-0" .. "DL feature-63" in tables: the index is the
+column index, 0-based), ``age`` (years), ``sex`` (1 = male, 0 = female) and ``comorbidity`` (0/1).
+
+Outputs::
+
+    OUT/cox.json                 model, standardisation, cut-off, selection trace (for `covidct predict`)
+    OUT/{site}/km.png            KM curves of the two groups with numbers at risk
+    OUT/{site}/logrank.json      n, n_events, n_high, n_low, median stays, log-rank, C-index (+ CI), ...
+    TABLES/table_s3.csv, .md     univariate HR (95% CI) and p of each selected covariate (training)
+
+A site without any COVID-19 patient with follow-up still gets its two files: logrank.json with
+``n = 0`` and a ``note``, and a km.png that says so, so a workflow's outputs are always complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import re
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+
+from covidct.errors import CovidctError
+
+log = logging.getLogger(__name__)
+
+CLINICAL = ("age", "sex", "comorbidity")
+DURATION = "stay_days"
+EVENT = "discharged"
+FEATURE_RE = re.compile(r"^feature_(\d+)$")
+DIRECTION = "risk = -log partial hazard of discharge; high risk = longer hospital stay"
+HR_NOTE = ("HR = univariate hazard ratio of discharge per unit of the covariate (age per year, "
+           "sex male vs female, comorbidity yes vs no, DL features per unit of the feature); "
+           "HR < 1 means a longer hospital stay.")
+
+
+# --------------------------------------------------------------------------- names and coding
+
+def display_name(covariate: str) -> str:
+    """``feature_22`` -> ``DL feature-22``; clinical names are kept."""
+    m = FEATURE_RE.match(covariate)
+    return f"DL feature-{m.group(1)}" if m else covariate
+
+
+def code_sex(value: Any) -> float:
+    """1 = male, 0 = female; NaN when missing. Raises ValueError for anything else."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return float("nan")
+    text = str(value).strip().lower()
+    if text in ("", "nan", "na", "<na>"):
+        return float("nan")
+    if text in ("m", "male", "1", "1.0"):
+        return 1.0
+    if text in ("f", "female", "0", "0.0"):
+        return 0.0
+    raise ValueError(f"sex {value!r} is not M or F")
+
+
+# --------------------------------------------------------------------------- scoring API
+
+def covariate_vector(cox: dict, features_64: Sequence[float], age: float, sex: Any,
+                     comorbidity: float) -> np.ndarray:
+    """The raw values of ``cox['covariates']`` for one patient, in model order."""
+    features = np.asarray(features_64, float).ravel()
+    values = []
+    for cov in cox["covariates"]:
+        m = FEATURE_RE.match(cov)
+        if m:
+            idx = int(m.group(1))
+            if idx >= features.size:
+                raise ValueError(f"the Cox model uses {cov} but only {features.size} DL features "
+                                 f"were given")
+            values.append(features[idx])
+        elif cov == "age":
+            values.append(float(age))
+        elif cov == "sex":
+            values.append(code_sex(sex))
+        elif cov == "comorbidity":
+            values.append(float(comorbidity))
+        else:
+            raise ValueError(f"unknown covariate {cov!r} in the Cox model")
+    x = np.asarray(values, float)
+    if np.isnan(x).any():
+        missing = [c for c, v in zip(cox["covariates"], x) if math.isnan(v)]
+        raise ValueError(f"missing value(s) for {', '.join(missing)}, needed by the Cox model")
+    return x
+
+
+def risk_from_features(cox_json: dict, features_64: Sequence[float], age: float, sex: Any,
+                       comorbidity: float) -> tuple[float, str]:
+    """Score one patient with a model from cox.json: ``(risk, "high" | "low")``.
+
+    ``risk = -sum_j beta_j (x_j - mean_j) / sd_j`` (= -log partial hazard of discharge; high risk
+    = longer hospital stay); the group is "high" when ``risk > cutoff`` (the median training risk).
+    ``sex`` is "M"/"F" or 1/0 (1 = male).
+    """
+    cox = cox_json
+    x = covariate_vector(cox, features_64, age, sex, comorbidity)
+    mean = np.asarray(cox["mean"], float)
+    sd = np.asarray(cox["sd"], float)
+    z = (x - mean) / np.where(sd > 0, sd, 1.0)
+    risk = float(-(z @ np.asarray(cox["coefficients"], float)))
+    return risk, ("high" if risk > float(cox["cutoff"]) else "low")
+
+
+# --------------------------------------------------------------------------- command line
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--train", nargs="+", required=True, type=Path, metavar="PREDICTIONS.csv",
+                        help="predictions.csv of the training site(s): the Cox model is fitted "
+                             "on their COVID-19 patients with follow-up (pooled)")
+    parser.add_argument("--validate", nargs="*", default=[], type=Path, metavar="PREDICTIONS.csv",
+                        help="predictions.csv of validation site(s): scored with the training "
+                             "model and cut-off, unchanged")
+    parser.add_argument("--sheet", required=True, nargs="+", type=Path,
+                        help="sample sheet(s) (TSV) with age, sex, comorbidity, stay_days, discharged")
+    parser.add_argument("--out-dir", type=Path, default=Path("results/prognosis"),
+                        help="cox.json and {site}/km.png, {site}/logrank.json go here")
+    parser.add_argument("--tables-dir", type=Path, default=Path("results/tables"),
+                        help="where table_s3.csv and table_s3.md go")
+    parser.add_argument("--selection", choices=("forward", "backward", "stepwise", "aic"),
+                        default="stepwise",
+                        help="covariate selection: by Wald p-value (forward: enter at "
+                             "--p-enter; backward: remove above --p-stay; stepwise: both) or "
+                             "bidirectional on -2logL + k*params (aic, k = --ic-penalty)")
+    parser.add_argument("--p-enter", type=float, default=0.05, help="entry level (default 0.05)")
+    parser.add_argument("--p-stay", type=float, default=0.10, help="stay level (default 0.10)")
+    parser.add_argument("--ic-penalty", type=float, default=2.0,
+                        help="penalty per parameter for --selection aic (2 = AIC)")
+    parser.add_argument("--max-features", type=int, default=10,
+                        help="at most this many covariates in the model (default 10)")
+    parser.add_argument("--penalizer", type=float, default=0.0,
+                        help="lifelines CoxPHFitter L2 penalizer (default 0 = plain Cox)")
+    parser.add_argument("--min-events", type=int, default=10,
+                        help="fewest discharges the training set needs (default 10)")
+    parser.add_argument("--min-follow-up", type=float, default=0.0,
+                        help="keep patients whose stay_days is at least this (default 0: all)")
+    parser.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the "
+                                                                  "C-index CI (default 1000)")
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    parser.add_argument("--tracking-uri", default=None,
+                        help="MLflow tracking URI (default sqlite:///results/mlflow.db; "
+                             "'none' = no tracking)")
+    parser.add_argument("--config", default=None, help="workflow config file (hashed into the "
+                                                       "MLflow tags)")
+
+
+# --------------------------------------------------------------------------- data
+
+def _read_predictions(path: Path) -> pd.DataFrame:
+    if not path.exists():
+        raise CovidctError("predictions file not found", path=path)
+    try:
+        df = pd.read_csv(path, dtype={"patient": str, "site": str})
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise CovidctError(f"cannot read predictions: {err}", path=path) from err
+    missing = [c for c in ("patient", "site", "y") if c not in df.columns]
+    if missing:
+        raise CovidctError(f"predictions lack column(s) {', '.join(missing)}", path=path)
+    features = sorted((c for c in df.columns if FEATURE_RE.match(c)),
+                      key=lambda c: int(FEATURE_RE.match(c).group(1)))
+    if not features:
+        raise CovidctError("predictions have no feature_0.. columns (the DL feature)", path=path)
+    df["covidct_source"] = str(path)
+    return df
+
+
+def load_cohort(train: Sequence[Path], validate: Sequence[Path], sheet_path: Path,
+                min_follow_up: float = 0.0) -> tuple[pd.DataFrame, list[str], list[str], dict]:
+    """Join predictions with the sheet; returns ``(cohort, features, sites, notes)``.
+
+    ``cohort`` holds the COVID-19 patients with follow-up (columns patient, site, role,
+    stay_days, discharged, age, sex (0/1), comorbidity, feature_*); ``sites`` lists every site of
+    the inputs, training sites first; ``notes`` maps site -> list of notes (exclusions, ...).
+    """
+    from covidct.sheet import read_sheet
+
+    sheet = read_sheet(sheet_path).set_index("patient", drop=False)
+    frames, roles, feature_sets = [], {}, {}
+    for role, paths in (("train", train), ("validate", validate)):
+        for path in paths:
+            df = _read_predictions(Path(path))
+            for site in df["site"].unique():
+                if site in roles and roles[site] != role:
+                    raise CovidctError(f"site {site} is given both as training and validation "
+                                       f"site", path=path)
+                roles[site] = role
+            feature_sets[str(path)] = [c for c in df.columns if FEATURE_RE.match(c)]
+            df["role"] = role
+            frames.append(df)
+    reference = next(iter(feature_sets.values()))
+    for path, cols in feature_sets.items():
+        if set(cols) != set(reference):
+            raise CovidctError(f"predictions have {len(cols)} DL feature columns, others have "
+                               f"{len(reference)}", path=path)
+    features = sorted(reference, key=lambda c: int(FEATURE_RE.match(c).group(1)))
+    preds = pd.concat(frames, ignore_index=True)
+    dup = preds["patient"][preds["patient"].duplicated()]
+    if len(dup):
+        raise CovidctError(f"patient appears in more than one predictions row or file",
+                           patient=str(dup.iloc[0]), path=preds.loc[dup.index[0], "covidct_source"])
+    sites = ([s for s in dict.fromkeys(preds["site"]) if roles[s] == "train"]
+             + [s for s in dict.fromkeys(preds["site"]) if roles[s] == "validate"])
+    notes: dict[str, list[str]] = {s: [] for s in sites}
+    rows = []
+    for rec in preds.itertuples(index=False):
+        rec = rec._asdict()
+        if int(rec["y"]) != 1:
+            continue
+        pid = str(rec["patient"])
+        if pid not in sheet.index:
+            raise CovidctError("patient of the predictions is not in the sample sheet",
+                               patient=pid, path=sheet_path)
+        info = sheet.loc[pid]
+        stay, event = info[DURATION], info[EVENT]
+        if pd.isna(stay) or pd.isna(event):
+            continue  # no follow-up
+        if not np.isfinite(stay) or stay < 0:
+            raise CovidctError(f"stay_days {stay} is not a non-negative number", patient=pid,
+                               path=sheet_path)
+        if int(event) not in (0, 1):
+            raise CovidctError(f"discharged {event} is not 0 or 1", patient=pid, path=sheet_path)
+        if stay < min_follow_up:
+            continue
+        try:
+            sex = code_sex(info["sex"])
+        except ValueError as err:
+            raise CovidctError(str(err), patient=pid, path=sheet_path) from err
+        clinical = {"age": info["age"], "sex": sex, "comorbidity": info["comorbidity"]}
+        missing = [k for k, v in clinical.items() if pd.isna(v)]
+        if missing:
+            raise CovidctError(f"{', '.join(missing)} missing (needed for the prognosis of a "
+                               f"COVID-19 patient with follow-up)", patient=pid, path=sheet_path)
+        row = {"patient": pid, "site": rec["site"], "role": rec["role"],
+               DURATION: float(stay), EVENT: int(event),
+               "age": float(clinical["age"]), "sex": float(sex),
+               "comorbidity": float(clinical["comorbidity"])}
+        row.update({f: float(rec[f]) for f in features})
+        if any(not np.isfinite(row[f]) for f in features):
+            raise CovidctError("DL feature values are missing or not finite", patient=pid,
+                               path=rec["covidct_source"])
+        rows.append(row)
+    cohort = pd.DataFrame(rows, columns=["patient", "site", "role", DURATION, EVENT, *CLINICAL,
+                                         *features])
+    for site in sites:
+        n_covid = int(((preds["site"] == site) & (preds["y"].astype(int) == 1)).sum())
+        n_kept = int((cohort["site"] == site).sum())
+        if n_kept < n_covid:
+            why = "empty stay_days/discharged" + (f" or stay_days < {min_follow_up:g}"
+                                                  if min_follow_up > 0 else "")
+            notes[site].append(f"{n_covid - n_kept} of {n_covid} COVID-19 patients have no "
+                               f"usable follow-up ({why}) and are left out")
+    return cohort, features, sites, notes
+
+
+# --------------------------------------------------------------------------- outputs
+
+def _write_json(path: Path, obj: Any) -> None:
+    from covidct.zarrio import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n")
+
+
+def _format_p(p: float) -> str:
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def plot_km(path: Path, site: str, fitters: dict, stats: dict, note: str | None = None) -> None:
+    """KM curves of the high/low groups with numbers at risk; written atomically as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from lifelines.plotting import add_at_risk_counts
+
+    from covidct.zarrio import atomic_path
+
+    fig, ax = plt.subplots(figsize=(7, 5.5))
+    colours = {"high": "tab:red", "low": "tab:blue"}
+    present = [fitters[g] for g in ("high", "low") if g in fitters]
+    for group in ("high", "low"):
+        if group in fitters:
+            fitters[group].plot_survival_function(ax=ax, ci_show=False, show_censors=True,
+                                                  color=colours[group],
+                                                  censor_styles={"marker": "|", "ms": 8})
+    p = stats.get("p")
+    title = f"{site}: " + (f"log-rank p = {p:.3g}" if p is not None else "no log-rank test")
+    ax.set_title(title)
+    ax.set_xlabel("days in hospital")
+    ax.set_ylabel("probability of not yet discharged")
+    ax.set_ylim(0, 1.05)
+    ax.text(0.99, 0.98, DIRECTION, transform=ax.transAxes, ha="right", va="top", fontsize=7)
+    if note:
+        ax.text(0.5, 0.5, note, transform=ax.transAxes, ha="center", va="center", wrap=True)
+    if present:
+        add_at_risk_counts(*present, ax=ax, rows_to_show=["At risk"])
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+def write_table_s3(tables_dir: Path, table: pd.DataFrame, n: int, n_events: int) -> None:
+    """Table S3: univariate HR (95% CI) and p of each selected covariate on the training set."""
+    from covidct.zarrio import atomic_path
+
+    with atomic_path(tables_dir / "table_s3.csv") as tmp:
+        table.to_csv(tmp, index=False, float_format="%.6g")
+    lines = ["# Table S3. Selected prognostic features", "",
+             "| Feature name | Univariate HR (95% CI) | p-value |", "|---|---|---|"]
+    for r in table.itertuples():
+        lines.append(f"| {r.feature} | {r.hr:.2f} ({r.hr_low:.2f}-{r.hr_high:.2f}) | "
+                     f"{_format_p(r.p)} |")
+    lines += ["", f"Univariate Cox models on the training set ({n} COVID-19 patients with "
+                  f"follow-up, {n_events} discharged). {HR_NOTE}",
+              f"Multivariate model: {DIRECTION}.", ""]
+    with atomic_path(tables_dir / "table_s3.md") as tmp:
+        tmp.write_text("\n".join(lines))
+
+
+# --------------------------------------------------------------------------- the stage
+
+def fit_prognosis_model(train: pd.DataFrame, features: Sequence[str], *, selection="stepwise",
+                        p_enter=0.05, p_stay=0.10, ic_penalty=2.0, max_features=10,
+                        penalizer=0.0, min_events=10) -> tuple[dict, Any, np.ndarray]:
+    """Standardise, select and fit on the training cohort: ``(cox_json, fitter, train_risk)``."""
+    from covidct import survival
+
+    n, n_events = len(train), int(train[EVENT].sum())
+    if n_events < max(int(min_events), 2):
+        raise CovidctError(f"too few events in the training set: {n_events} discharged among {n} "
+                           f"COVID-19 patients with follow-up (need at least "
+                           f"{max(int(min_events), 2)}; see --min-events)")
+    candidates = list(features) + list(CLINICAL)
+    z, mean, sd = survival.standardise(train, candidates)
+    notes = []
+    constant = [c for c, s in zip(candidates, sd) if not s > 0]
+    if constant:
+        notes.append(f"constant in the training set, not candidates: {', '.join(constant)}")
+    usable = [c for c in candidates if c not in constant]
+    if not usable:
+        raise CovidctError("no covariate varies in the training set")
+    data = pd.concat([train[[DURATION, EVENT]].reset_index(drop=True),
+                      z.reset_index(drop=True)], axis=1)
+    try:
+        selected, trace = survival.stepwise_select(
+            data, DURATION, EVENT, usable, method=selection, p_enter=p_enter, p_stay=p_stay,
+            max_features=max_features, penalizer=penalizer, ic_penalty=ic_penalty)
+    except survival.SurvivalError as err:
+        raise CovidctError(f"covariate selection ({selection}) failed: {err}") from err
+    fallback = False
+    if not selected:
+        name, p = survival.best_univariate(data, DURATION, EVENT, usable, penalizer)
+        selected = [name]
+        fallback = True
+        msg = (f"the {selection} selection kept no covariate; falling back to the single best "
+               f"univariate covariate {display_name(name)} (p={p:.3g})")
+        notes.append(msg)
+        trace.append(msg)
+        log.warning(msg)
+    try:
+        cph = survival.fit_cox(data, DURATION, EVENT, selected, penalizer)
+    except survival.SurvivalError as err:
+        raise CovidctError(f"final Cox model failed: {err}") from err
+    coefs = [float(cph.params_[c]) for c in selected]
+    idx = [candidates.index(c) for c in selected]
+    risk = survival.risk_scores(coefs, z[selected].to_numpy())
+    cutoff = float(np.median(risk))
+    summary = cph.summary
+    cox = {
+        "model": "Cox proportional hazards (lifelines CoxPHFitter, Efron ties) on hospital stay "
+                 "in days, event = discharge",
+        "direction": DIRECTION,
+        "risk_formula": "risk = -sum_j coefficients[j] * (x_j - mean[j]) / sd[j]; "
+                        "group = 'high' if risk > cutoff else 'low'",
+        "duration": DURATION, "event": EVENT,
+        "covariates": list(selected),
+        "names": [display_name(c) for c in selected],
+        "coefficients": coefs,
+        "hazard_ratios_per_sd": [float(math.exp(b)) for b in coefs],
+        "p_values": [float(summary.loc[c, "p"]) for c in selected],
+        "mean": [float(mean[i]) for i in idx],
+        "sd": [float(sd[i]) for i in idx],
+        "cutoff": cutoff,
+        "cutoff_rule": "median risk of the training set",
+        "sex_coding": "1 = male (M), 0 = female (F)",
+        "feature_naming": "feature_k = DL feature-k, k = 0-based index of the 64-d DL feature",
+        "selection": {"method": selection, "p_enter": p_enter, "p_stay": p_stay,
+                      "ic_penalty": ic_penalty, "max_features": max_features,
+                      "penalizer": penalizer, "fallback_to_best_univariate": fallback,
+                      "n_candidates": len(usable), "trace": trace},
+        "training": {"n": n, "n_events": n_events,
+                     "concordance_index": float(cph.concordance_index_),
+                     "log_likelihood": float(cph.log_likelihood_)},
+        "notes": notes,
+    }
+    return cox, cph, risk
+
+
+def site_result(cohort_site: pd.DataFrame, cox: dict, *, n_boot=1000, seed=0) -> tuple[dict, dict]:
+    """Risk groups, KM and log-rank and C-index for one site's cohort: ``(stats, fitters)``."""
+    from covidct import survival
+
+    stats_base = {"direction": DIRECTION, "cutoff": cox["cutoff"], "n": int(len(cohort_site))}
+    if len(cohort_site) == 0:
+        return {**stats_base, "n_events": 0, "n_high": 0, "n_low": 0, "median_stay_high": None,
+                "median_stay_low": None, "logrank_statistic": None, "p": None, "c_index": None,
+                "c_index_ci": None}, {}
+    x = cohort_site[cox["covariates"]].to_numpy(float)
+    z = (x - np.asarray(cox["mean"])) / np.where(np.asarray(cox["sd"]) > 0, cox["sd"], 1.0)
+    risk = survival.risk_scores(cox["coefficients"], z)
+    high = survival.split_by_cutoff(risk, cox["cutoff"])
+    t = cohort_site[DURATION].to_numpy(float)
+    e = cohort_site[EVENT].to_numpy(int)
+    stats, fitters = survival.km_logrank_per_group(t, e, high)
+    c, ci = survival.c_index_ci(t, risk, e, n_boot=n_boot, seed=seed)
+    stats.update({"c_index": c, "c_index_ci": ci, "cutoff": cox["cutoff"],
+                  "direction": DIRECTION})
+    return stats, fitters
+
+
+def run(args: argparse.Namespace) -> int:
+    from covidct import survival
+    from covidct.tracking import DEFAULT_TRACKING_URI
+
+    cohort, features, sites, notes = load_cohort(args.train, args.validate, args.sheet,
+                                                 args.min_follow_up)
+    train = cohort[cohort["role"] == "train"].reset_index(drop=True)
+    log.info("prognosis cohort: %d COVID-19 patients with follow-up (%d training, %d events in "
+             "training) across %d site(s)", len(cohort), len(train), int(train[EVENT].sum()),
+             len(sites))
+    cox, cph, train_risk = fit_prognosis_model(
+        train, features, selection=args.selection, p_enter=args.p_enter, p_stay=args.p_stay,
+        ic_penalty=args.ic_penalty, max_features=args.max_features, penalizer=args.penalizer,
+        min_events=args.min_events)
+    for line in cox["selection"]["trace"]:
+        log.info("selection: %s", line)
+    log.info("selected %s; median training risk (cut-off) %.4f; %s",
+             ", ".join(cox["names"]), cox["cutoff"], DIRECTION)
+    c, ci = survival.c_index_ci(train[DURATION], train_risk, train[EVENT], n_boot=args.n_boot,
+                                seed=args.seed)
+    cox["training"].update({"sites": [s for s in sites if (cohort.loc[cohort.site == s, "role"]
+                                                           == "train").any()],
+                            "c_index": c, "c_index_ci": ci})
+    out = Path(args.out_dir)
+    _write_json(out / "cox.json", cox)
+
+    table = survival.univariate_table(train, DURATION, EVENT, cox["covariates"], args.penalizer)
+    table.insert(0, "feature", [display_name(c) for c in table["covariate"]])
+    table["multivariate_coef_per_sd"] = cox["coefficients"]
+    table["hr_of"] = "discharge"
+    write_table_s3(Path(args.tables_dir), table, len(train), int(train[EVENT].sum()))
+
+    tracking = args.tracking_uri or DEFAULT_TRACKING_URI
+    results = {}
+    for site in sites:
+        sub = cohort[cohort["site"] == site].reset_index(drop=True)
+        role = "train" if site in cox["training"]["sites"] else "validate"
+        stats, fitters = site_result(sub, cox, n_boot=args.n_boot, seed=args.seed)
+        site_notes = list(notes.get(site, []))
+        if stats["n"] == 0:
+            site_notes.append("no COVID-19 patient with follow-up at this site: skipped "
+                              "(no Kaplan-Meier curve, no log-rank test)")
+        elif stats["p"] is None:
+            site_notes.append("log-rank test not possible (one risk group is empty or there "
+                              "is no discharge)")
+        elif stats["n_events"] < 5:
+            site_notes.append(f"only {stats['n_events']} discharge(s): the log-rank test is "
+                              f"unreliable")
+        stats = {"site": site, "role": role, **stats, "notes": site_notes}
+        for n in site_notes:
+            log.warning("site %s: %s", site, n)
+        _write_json(out / site / "logrank.json", stats)
+        plot_km(out / site / "km.png", site, fitters, stats,
+                note="no COVID-19 patient with follow-up" if stats["n"] == 0 else None)
+        p_txt = "n/a" if stats["p"] is None else f"{stats['p']:.3g}"
+        c_txt = "n/a" if stats["c_index"] is None else f"{stats['c_index']:.3f}"
+        log.info("site %s (%s): n=%d events=%d high=%d low=%d log-rank p=%s C=%s", site, role,
+                 stats["n"], stats["n_events"], stats["n_high"], stats["n_low"], p_txt, c_txt)
+        results[site] = stats
+        if str(tracking).lower() != "none":
+            _track_site(tracking, site, role, stats, cox, out, Path(args.tables_dir), args)
+    return 0
+
+
+def _track_site(tracking_uri: str, site: str, role: str, stats: dict, cox: dict, out: Path,
+                tables_dir: Path, args) -> None:
+    import mlflow
+
+    from covidct.tracking import mlflow_run
+
+    params = {"site": site, "role": role, "selection": cox["selection"]["method"],
+              "p_enter": cox["selection"]["p_enter"], "p_stay": cox["selection"]["p_stay"],
+              "ic_penalty": cox["selection"]["ic_penalty"],
+              "max_features": cox["selection"]["max_features"],
+              "penalizer": cox["selection"]["penalizer"], "selected": ", ".join(cox["names"]),
+              "cutoff": cox["cutoff"], "direction": DIRECTION}
+    with mlflow_run(tracking_uri, f"prognosis-{site}", params=params, config=args.config,
+                    tags={"covidct.rule": "prognosis", "covidct.site": site,
+                          "covidct.role": role}):
+        metrics = {k: stats[k] for k in ("n", "n_events", "n_high", "n_low", "logrank_statistic",
+                                         "p", "c_index", "median_stay_high", "median_stay_low")
+                   if stats.get(k) is not None}
+        if stats.get("c_index_ci"):
+            metrics["c_index_ci_low"], metrics["c_index_ci_high"] = stats["c_index_ci"]
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
+        mlflow.log_artifact(str(out / site / "km.png"))
+        mlflow.log_artifact(str(out / site / "logrank.json"))
+        if role == "train":
+            mlflow.log_artifact(str(out / "cox.json"))
+            mlflow.log_artifact(str(tables_dir / "table_s3.csv"))
+            mlflow.log_artifact(str(tables_dir / "table_s3.md"))

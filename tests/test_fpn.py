@@ -1,0 +1,230 @@
+"""The DenseNet121-FPN lung segmenter (covidct.fpn): network, pre/post-processing, a tiny
+training run through the command line (real NIfTI files, real MLflow SQLite store) and
+inference with the model it wrote.
+
+Full-size training on the synthetic cohort and the COPDGene Dice are in benchmarks/bench_fpn.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
+os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from covidct import fpn
+from covidct.cli import main
+
+SIZE = 64
+
+
+def phantom(seed: int, shape=(12, 72, 80), spacing=(5.0, 4.0, 4.0)):
+    """A small chest phantom: air around a soft-tissue body with a spine, two ellipsoid lungs
+    (-850 HU with bright vessels) and a trachea above them (air, not lung). (ct int16, mask)."""
+    rng = np.random.default_rng(seed)
+    nz, ny, nx = shape
+    z, y, x = np.meshgrid(np.arange(nz), np.arange(ny), np.arange(nx), indexing="ij")
+    cy, cx = ny / 2 + rng.uniform(-2, 2), nx / 2 + rng.uniform(-2, 2)
+    body = ((y - cy) / (0.40 * ny)) ** 2 + ((x - cx) / (0.46 * nx)) ** 2 <= 1
+    ct = np.where(body, 40.0, -1000.0)
+    ct[((y - (cy + 0.28 * ny)) ** 2 + (x - cx) ** 2) <= (0.06 * nx) ** 2] = 500.0   # spine
+    z_top = nz - 2 - int(rng.integers(0, 2))
+    zc, rz = z_top / 2 + 0.5, z_top / 2
+    lung = np.zeros(shape, bool)
+    for side in (-1, 1):
+        ly = (y - (cy - 0.02 * ny)) / (0.26 * ny * rng.uniform(0.9, 1.1))
+        lx = (x - (cx + side * 0.22 * nx)) / (0.15 * nx * rng.uniform(0.9, 1.1))
+        lung |= ly ** 2 + lx ** 2 + ((z - zc) / rz) ** 2 <= 1
+    ct[lung] = -850.0
+    vessels = lung & (rng.random(shape) < 0.02)
+    ct[vessels] = 0.0
+    trachea = (z >= z_top - 1) & (((y - cy + 0.1 * ny) ** 2 + (x - cx) ** 2) <= (0.05 * nx) ** 2)
+    ct[trachea & ~lung] = -1000.0
+    ct += rng.normal(0, 20, shape)
+    return np.clip(np.rint(ct), -1024, 3000).astype(np.int16), lung.astype(np.uint8), spacing
+
+
+def write_nifti(array, spacing_zyx, path):
+    img = sitk.GetImageFromArray(array)
+    img.SetSpacing(tuple(float(s) for s in spacing_zyx[::-1]))
+    sitk.WriteImage(img, str(path))
+    return path
+
+
+# ---------------------------------------------------------------------------- pure functions
+def test_resize_is_linear_antialiased_and_keeps_constants():
+    for n_in, n_out in ((64, 128), (512, 128), (80, 64), (7, 7)):
+        m = fpn._resize_matrix(n_in, n_out)
+        assert m.shape == (n_out, n_in)
+        np.testing.assert_allclose(m.sum(axis=1), 1.0, atol=1e-5)
+    # shrinking 4x averages blocks of about 4 (antialiasing): a 0/1 stripe pattern becomes ~0.5
+    stripes = np.tile(np.array([0.0, 1.0], np.float32), 64)[None, None, :].repeat(8, axis=1)
+    small = fpn.resize_slices(stripes, (8, 32))
+    assert small.shape == (1, 8, 32)
+    np.testing.assert_allclose(small[0, :, 2:-2], 0.5, atol=0.02)
+    # enlarging a ramp keeps it a ramp (linear), with half-pixel centres
+    ramp = np.arange(4, dtype=np.float32)[None, None, :].repeat(2, axis=1)
+    big = fpn.resize_slices(ramp, (2, 8))[0, 0]
+    np.testing.assert_allclose(big, [0, 0.25, 0.75, 1.25, 1.75, 2.25, 2.75, 3], atol=1e-5)
+
+
+def test_normalize_floors_hu_and_zscores_each_slice():
+    rng = np.random.default_rng(0)
+    ct = rng.normal(0, 300, (3, 40, 40)).astype(np.int16)
+    ct[1] = -3024                                   # padding below the -1024 floor
+    ct[1, :20] = 0
+    assert fpn.normalize_slices(ct, 32).shape == (3, 32, 32)
+    norm = fpn.normalize_slices(ct, 40)           # same size: no resampling of the noise
+    assert norm.dtype == np.float32
+    np.testing.assert_allclose(norm[[0, 2]].mean(axis=(1, 2)), 0, atol=0.05)
+    np.testing.assert_allclose(norm[[0, 2]].std(axis=(1, 2)), 1, atol=0.05)
+    # slice 1 floored at -1024: exactly two values, -1 and +1 after the z-score
+    assert norm[1, 2, 5] == pytest.approx(1.0, abs=1e-4)
+    assert norm[1, -3, 5] == pytest.approx(-1.0, abs=1e-4)
+
+
+def test_neighbour_channels_repeat_edge_slices():
+    idx = fpn.neighbour_index(5, [0, 2, 4])
+    np.testing.assert_array_equal(idx, [[0, 0, 1], [1, 2, 3], [3, 4, 4]])
+    vol = np.arange(5, dtype=np.float32)[:, None, None] * np.ones((5, 4, 4), np.float32)
+    x = fpn.stack_channels(vol, [0, 4])
+    assert x.shape == (2, 4, 4, 3)
+    np.testing.assert_array_equal(x[0, 0, 0], [0, 0, 1])
+    np.testing.assert_array_equal(x[1, 0, 0], [3, 4, 4])
+
+
+def test_postprocess_keeps_two_lungs_drops_specks_fills_holes():
+    m = np.zeros((6, 30, 30), np.uint8)
+    m[1:5, 5:25, 3:12] = 1            # right lung, 720 voxels
+    m[1:5, 5:25, 16:27] = 1           # left lung, 880
+    m[2, 10, 7] = 0                   # a vessel hole inside the lung
+    m[0, 0, 0] = 1                    # a speck (1 voxel, third component)
+    m[5, 28:30, 28:30] = 1            # another small component
+    out = fpn.postprocess_mask(m)
+    assert out.dtype == np.uint8
+    assert out[2, 10, 7] == 1 and out[0, 0, 0] == 0 and out[5, 29, 29] == 0
+    assert int(out.sum()) == 720 + 880
+    # a second component under 5% of the largest is not a lung
+    m2 = np.zeros((6, 30, 30), np.uint8)
+    m2[0:6, 0:20, 0:20] = 1
+    m2[0:2, 25:28, 25:28] = 1        # 18 voxels < 5% of 2400
+    assert int(fpn.postprocess_mask(m2).sum()) == 2400
+
+
+def test_split_is_patient_level_and_seeded():
+    tr, va = fpn.split_patients(10, 0.2, seed=3)
+    assert len(va) == 2 and len(tr) == 8 and not set(tr) & set(va)
+    tr2, va2 = fpn.split_patients(10, 0.2, seed=3)
+    np.testing.assert_array_equal(va, va2)
+    assert len(fpn.split_patients(1, 0.2, 0)[1]) == 0       # one patient: no validation
+    assert len(fpn.split_patients(3, 0.2, 0)[1]) == 1
+
+
+# ---------------------------------------------------------------------------- network
+def test_fpn_has_densenet121_encoder_and_sigmoid_output():
+    model = fpn.build_fpn(128)
+    assert tuple(model.inputs[0].shape) == (None, 128, 128, 3)
+    assert tuple(model.outputs[0].shape) == (None, 128, 128, 1)
+    out_layer = model.get_layer(fpn.OUTPUT_NAME)
+    assert out_layer.get_config()["activation"] == "sigmoid"
+    encoder = model.get_layer("densenet121")
+    names = {layer.name for layer in encoder.layers}
+    # DenseNet121 = dense blocks of 6, 12, 24 and 16 conv blocks
+    for block, n in ((2, 6), (3, 12), (4, 24), (5, 16)):
+        assert f"conv{block}_block{n}_concat" in names
+        assert f"conv{block}_block{n + 1}_concat" not in names
+    assert [tuple(o.shape[1:3]) for o in encoder.outputs] == [(32, 32), (16, 16), (8, 8), (4, 4)]
+    # DenseNet121 without its top holds 7,037,504 parameters
+    assert encoder.count_params() == 7_037_504
+    assert model.count_params() > encoder.count_params()
+
+    big = fpn.build_fpn(256)                      # built, never run
+    assert tuple(big.outputs[0].shape) == (None, 256, 256, 1)
+
+
+def test_build_rejects_sizes_and_missing_weights(tmp_path):
+    with pytest.raises(fpn.CovidctError, match="multiple of 32"):
+        fpn.build_fpn(100)
+    with pytest.raises(fpn.CovidctError, match="never downloaded") as err:
+        fpn.build_fpn(64, encoder_weights=tmp_path / "imagenet.h5")
+    assert "imagenet.h5" in str(err.value)
+
+
+def test_mask_on_another_grid_names_patient_and_file(tmp_path, capsys):
+    ct, mask, spacing = phantom(0)
+    img = write_nifti(ct, spacing, tmp_path / "P001.nii.gz")
+    bad = write_nifti(mask[:, :-4], spacing, tmp_path / "P001_lung.nii.gz")
+    rc = main(["train-segmenter", "--images", str(img), "--masks", str(bad),
+               "--out", str(tmp_path / "m"), "--tracking-uri", f"sqlite:///{tmp_path}/ml.db"])
+    assert rc == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "patient P001" in line and "P001_lung.nii.gz" in line and "differs" in line
+    assert not (tmp_path / "m" / "run.json").exists()
+
+
+# ---------------------------------------------------------------------------- training
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Five eager training steps (one per epoch, 16 slices each) at 64x64 on three phantoms
+    (two to train, one to validate), through the command line."""
+    tmp = tmp_path_factory.mktemp("fpn")
+    images, masks = [], []
+    for i in range(3):
+        ct, mask, spacing = phantom(i)
+        images.append(str(write_nifti(ct, spacing, tmp / f"P{i:03d}.nii.gz")))
+        masks.append(str(write_nifti(mask, spacing, tmp / f"P{i:03d}_lung.nii.gz")))
+    uri = f"sqlite:///{tmp}/mlflow.db"
+    rc = main(["train-segmenter", "--images", *images, "--masks", *masks,
+               "--out", str(tmp / "model"), "--size", str(SIZE), "--epochs", "5",
+               "--batch-size", "16", "--slices-per-scan", "8", "--val-fraction", "0.34",
+               "--lr", "0.003", "--bn-momentum", "0.5", "--no-augment", "--eager",
+               "--pyramid-filters", "64", "--segmentation-filters", "32",
+               "--tracking-uri", uri, "--experiment", "fpn-test", "--threads", "1"])
+    assert rc == 0
+    return tmp, uri
+
+
+def test_training_reduces_loss_and_records_the_run(trained):
+    tmp, uri = trained
+    out = tmp / "model"
+    assert (out / "model.keras").is_file()
+    record = json.loads((out / "run.json").read_text())
+    assert record["input_size"] == [SIZE, SIZE]
+    assert record["n_train"] == 2 and record["n_val"] == 1
+    history = record["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4, 5]
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert 0.0 <= record["val_dice"] <= 1.0
+    assert record["val_dice"] == max(h["val_dice"] for h in history)
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    run = client.get_run(record["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["size"] == str(SIZE) and run.data.params["encoder"] == "DenseNet121"
+    assert run.data.metrics["selected_val_dice"] == pytest.approx(record["val_dice"])
+    losses = [m.value for m in client.get_metric_history(run.info.run_id, "loss")]
+    assert losses == pytest.approx([h["loss"] for h in history])
+    artifacts = [a.path for a in client.list_artifacts(run.info.run_id, "model")]
+    assert artifacts == ["model/model.keras"]
+    assert record["model_uri"] == f"runs:/{run.info.run_id}/model/model.keras"
+
+
+def test_predict_mask_of_trained_model_beats_chance(trained):
+    tmp, _ = trained
+    ct, lung, spacing = phantom(7, shape=(10, 76, 84))      # unseen phantom, other grid
+    mask = fpn.predict_mask(ct, spacing, tmp / "model" / "model.keras", batch_size=10)
+    assert mask.shape == ct.shape and mask.dtype == np.uint8
+    assert set(np.unique(mask)) <= {0, 1}
+    p = lung.mean()
+    chance = 2 * p / (1 + p)              # Dice of calling every voxel lung
+    d = fpn.dice(mask, lung)
+    assert d > max(0.5, 2 * chance), (d, chance)

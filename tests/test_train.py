@@ -1,0 +1,285 @@
+"""`covidct train` end to end on tiny ROI stores, plus the RoiDataset it reads them with.
+
+The cohort: 16x32x48 float16 roi.zarr stores of unit noise; COVID-19 patients (y = 1) carry a
+bright sphere (radius 6 voxels, +4) at a random place. A few epochs learn that.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
+os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from covidct.cli import main
+from covidct.zarrio import write_image
+
+SHAPE = (16, 32, 48)
+
+
+def make_cohort(root: Path, n: int, seed: int, task: str = "covid", shape=SHAPE):
+    """n ROI stores under root/patients/{site}/{patient}/roi.zarr and root/sheet.tsv."""
+    rng = np.random.default_rng(seed)
+    zz, yy, xx = np.ogrid[:shape[0], :shape[1], :shape[2]]
+    rows, paths, labels = [], [], []
+    for i in range(n):
+        y = i % 2
+        patient, site = f"S{seed}P{i:03d}", ("wuhan" if i < n // 2 else "henan")
+        v = rng.normal(0.0, 1.0, shape).astype(np.float32)
+        if y:
+            c = [rng.integers(5, s - 5) for s in shape]
+            v[(zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2 < 36] += 4.0
+        path = root / "patients" / site / patient / "roi.zarr"
+        write_image(path, v.astype(np.float16), spacing=(1.0, 1.0, 1.0))
+        label = ("covid" if y else "viral") if task == "covid" else \
+            ("egfr_mutant" if y else "egfr_wildtype")
+        rows.append(f"{patient}\t{site}\t/data/{patient}\t{task}\t{label}")
+        paths.append(path)
+        labels.append(y)
+    (root / "sheet.tsv").write_text("patient\tsite\timage\ttask\tlabel\n" + "\n".join(rows) + "\n")
+    return paths, np.array(labels)
+
+
+def train_args(root: Path, rois, out: Path, *extra: str, name: str = "pretrain_test"):
+    return ["train", "--name", name, "--task", "covid", "--sheet", str(root / "sheet.tsv"),
+            "--rois", *map(str, rois), "--out", str(out), "--epochs", "3", "--batch-size", "2",
+            "--val-fraction", "0.3", "--bn-momentum", "0.8", "--seed", "3", "--workers", "2",
+            "--tracking-uri", f"sqlite:///{root / 'mlflow.db'}", "--experiment", "covidct-test",
+            "--tag", "rule=pretrain_test", "--config", str(root / "sheet.tsv"), *extra]
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cohort")
+    rois, labels = make_cohort(root, 20, seed=1)
+    return root, rois, labels
+
+
+@pytest.fixture(scope="module")
+def trained(cohort):
+    root, rois, _ = cohort
+    out = root / "models" / "first"
+    assert main(train_args(root, rois, out)) == 0
+    return out, json.loads((out / "run.json").read_text())
+
+
+def test_outputs_and_run_record(cohort, trained):
+    root, rois, labels = cohort
+    out, record = trained
+    assert sorted(p.name for p in out.iterdir()) == ["history.csv", "model.keras", "run.json",
+                                                     "val_predictions.csv"]
+    history = pd.read_csv(out / "history.csv")
+    assert list(history.columns) == ["epoch", "loss", "auc", "val_loss", "val_auc", "lr", "seconds"]
+    assert history["epoch"].tolist() == [1, 2, 3]
+    assert history["lr"].iloc[0] == pytest.approx(0.005)
+    assert (history["lr"] <= 0.005 + 1e-9).all() and history["loss"].notna().all()
+    val = pd.read_csv(out / "val_predictions.csv")
+    assert list(val.columns) == ["patient", "y", "probability"]
+    # 30% of each class of 10: 3 + 3 patients, labels as in the sheet
+    assert len(val) == 6 and val["y"].sum() == 3
+    truth = {p.parent.name: int(y) for p, y in zip(rois, labels)}
+    assert all(truth[p] == y for p, y in zip(val["patient"], val["y"]))
+    assert val["probability"].between(0, 1).all()
+    assert set(record) >= {"run_id", "experiment_id", "tracking_uri", "model_uri",
+                           "registered_model", "version", "val_auc", "n_train", "n_val",
+                           "input_shape", "backend"}
+    assert (record["n_train"], record["n_val"]) == (14, 6)
+    assert record["input_shape"] == list(SHAPE)
+    assert record["backend"] == "tensorflow"
+    assert record["registered_model"] == "covidct-pretrain_test" and record["version"] >= 1
+    assert record["model_uri"].startswith("models:/")
+
+
+def test_learns_the_easy_signal(cohort, trained, tmp_path):
+    import keras
+
+    from covidct.dataset import RoiDataset
+    from covidct.train import binary_auc
+
+    out, record = trained
+    assert record["val_auc"] >= 0.85
+    # and on fresh patients never seen in training or selection
+    fresh, y = make_cohort(tmp_path, 12, seed=99)
+    model = keras.saving.load_model(out / "model.keras")
+    p = model.predict(RoiDataset(fresh, batch_size=6), verbose=0).ravel()
+    assert binary_auc(y, p) >= 0.85
+
+
+def test_mlflow_run_params_metrics_and_registry(cohort, trained):
+    from mlflow import MlflowClient
+
+    root, _, _ = cohort
+    _, record = trained
+    client = MlflowClient(tracking_uri=record["tracking_uri"])
+    run = client.get_run(record["run_id"])
+    assert run.info.run_name == "pretrain_test" and run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["lr"] == "0.005" and params["batch_size"] == "2"
+    assert params["class_weight_negative"] == "5.0" and params["lr_factor"] == "0.8"
+    assert params["input_shape"] == "16x32x48" and params["n_train"] == "14"
+    assert params["sites"] == "henan,wuhan"
+    tags = run.data.tags
+    assert tags["rule"] == "pretrain_test" and tags["sites"] == "henan,wuhan"
+    assert tags["git_commit"] and len(tags["config_hash"]) == 12
+    val_auc = client.get_metric_history(record["run_id"], "val_auc")
+    assert sorted(m.step for m in val_auc) == [1, 2, 3]
+    loss = pd.read_csv(trained[0] / "history.csv")["loss"].tolist()
+    logged = [m.value for m in sorted(client.get_metric_history(record["run_id"], "loss"),
+                                      key=lambda m: m.step)]
+    assert np.allclose(logged, loss)
+    version = client.get_model_version("covidct-pretrain_test", str(record["version"]))
+    assert version.run_id == record["run_id"]
+    artifacts = {a.path for a in client.list_artifacts(record["run_id"])}
+    assert {"history.csv", "val_predictions.csv"} <= artifacts
+
+
+def test_same_seed_same_weights(cohort, trained):
+    import keras
+
+    root, rois, _ = cohort
+    out = root / "models" / "again"
+    assert main(train_args(root, rois, out, "--no-register")) == 0
+    a = keras.saving.load_model(trained[0] / "model.keras").get_weights()
+    b = keras.saving.load_model(out / "model.keras").get_weights()
+    assert len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
+    first = json.loads((trained[0] / "run.json").read_text())
+    second = json.loads((out / "run.json").read_text())
+    assert second["registered_model"] is None and second["run_id"] != first["run_id"]
+
+
+def test_finetune_from_pretrained(cohort, trained):
+    import keras
+
+    from covidct.errors import CovidctError
+    from covidct.train import initial_model, weights_digest
+
+    root, rois, _ = cohort
+    pre_path = trained[0] / "model.keras"
+    pre = keras.saving.load_model(pre_path).get_weights()
+    start = initial_model(SHAPE, pre_path).get_weights()
+    assert all(np.array_equal(x, y) for x, y in zip(pre, start))
+    with pytest.raises(CovidctError, match="differs"):
+        initial_model((16, 32, 32), pre_path)
+
+    out = root / "models" / "finetune"
+    args = train_args(root, rois, out, "--init", str(pre_path), "--epochs", "1",
+                      "--val-fraction", "0", name="finetune_test")
+    assert main(args) == 0
+    record = json.loads((out / "run.json").read_text())
+    assert record["init_digest"] == weights_digest(pre)         # started from the pretrained
+    tuned = keras.saving.load_model(out / "model.keras").get_weights()
+    assert any(not np.array_equal(x, y) for x, y in zip(pre, tuned))   # and trained on
+    assert record["registered_model"] == "covidct-finetune_test"
+    assert (record["n_train"], record["n_val"], record["val_auc"]) == (20, 0, None)
+
+
+def test_unknown_patient_is_a_clear_error(cohort, tmp_path, capsys):
+    root, rois, _ = cohort
+    stray = tmp_path / "patients" / "wuhan" / "NOT_IN_SHEET" / "roi.zarr"
+    write_image(stray, np.zeros(SHAPE, np.float16), spacing=(1, 1, 1))
+    out = tmp_path / "out"
+    assert main(train_args(root, [*rois[:4], stray], out)) == 2
+    err = capsys.readouterr().err
+    assert "patient NOT_IN_SHEET" in err and str(stray) in err and "sample sheet" in err
+    assert not (out / "run.json").exists()
+
+
+# ---- RoiDataset -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def indexed(tmp_path_factory):
+    """7 stores whose voxels all equal the patient's index (so a batch shows its order)."""
+    root = tmp_path_factory.mktemp("indexed")
+    paths = []
+    for i in range(7):
+        v = np.full((4, 16, 20), i, np.float32)
+        v[:, 4:12, 6:14] += 10.0                 # a box, so augmentation has edges to move
+        paths.append(root / f"P{i}" / "roi.zarr")
+        write_image(paths[-1], v.astype(np.float16), spacing=(1, 1, 1))
+    return paths
+
+
+def _ids(x):
+    return x[:, 0, 0, 0, 0].astype(int).tolist()
+
+
+def test_dataset_batches_and_labels(indexed):
+    from covidct.dataset import RoiDataset
+
+    labels = np.array([0, 1, 1, 0, 1, 0, 0])
+    ds = RoiDataset(indexed, labels, batch_size=3)
+    assert len(ds) == 3
+    x, y = ds[0]
+    assert x.dtype == np.float32 and x.shape == (3, 4, 16, 20, 1) and y.shape == (3, 1)
+    assert _ids(x) == [0, 1, 2] and y.ravel().tolist() == [0, 1, 1]
+    x, y = ds[2]
+    assert x.shape[0] == 1 and _ids(x) == [6]
+    with pytest.raises(IndexError):
+        ds[3]
+    (x,) = RoiDataset(indexed, batch_size=7)[0]
+    assert _ids(x) == list(range(7))
+
+
+def test_dataset_shuffles_per_epoch_with_seed(indexed):
+    from covidct.dataset import RoiDataset
+
+    labels = np.arange(7) % 2
+    ds = RoiDataset(indexed, labels, batch_size=7, shuffle=True, seed=5)
+    x0, y0 = ds[0]
+    assert sorted(_ids(x0)) == list(range(7)) and _ids(x0) != list(range(7))
+    assert y0.ravel().tolist() == [i % 2 for i in _ids(x0)]          # labels follow the order
+    ds.on_epoch_end()
+    x1, y1 = ds[0]
+    assert sorted(_ids(x1)) == list(range(7)) and _ids(x1) != _ids(x0)
+    assert y1.ravel().tolist() == [i % 2 for i in _ids(x1)]
+    again = RoiDataset(indexed, labels, batch_size=7, shuffle=True, seed=5)
+    assert _ids(again[0][0]) == _ids(x0)
+    other = RoiDataset(indexed, labels, batch_size=7, shuffle=True, seed=6)
+    assert _ids(other[0][0]) != _ids(x0)
+
+
+def test_dataset_class_weights(indexed):
+    from covidct.dataset import RoiDataset
+
+    labels = np.array([0, 1, 1, 0, 1, 0, 0])
+    x, y, w = RoiDataset(indexed, labels, batch_size=7, class_weight={0: 5.0, 1: 1.0})[0]
+    assert w.dtype == np.float32 and w.tolist() == [5.0 if v == 0 else 1.0 for v in labels]
+
+
+def test_dataset_augmentation(indexed):
+    from covidct.dataset import Augment, RoiDataset
+
+    plain = RoiDataset(indexed, batch_size=7)[0][0]
+    ds = RoiDataset(indexed, batch_size=7, augment=Augment(rotation_deg=20, scale=0.1, shift=0.1),
+                    seed=1)
+    a = ds[0][0]
+    assert a.shape == plain.shape and a.dtype == np.float32
+    assert not np.allclose(a, plain)
+    # one transform per volume: every slice of a volume moved the same way
+    assert all(np.array_equal(a[k, 0], a[k, z]) for k in range(7) for z in range(4))
+    # values stay within the volume's range (linear interpolation, nearest-edge fill)
+    assert a.min() >= plain.min() - 1e-4 and a.max() <= plain.max() + 1e-4
+    assert np.array_equal(ds[0][0], a)                        # reproducible within an epoch
+    ds.on_epoch_end()
+    assert not np.array_equal(ds[0][0], a)                    # a new draw next epoch
+    still = RoiDataset(indexed, batch_size=7, augment=Augment(0.0, 0.0, 0.0))[0][0]
+    assert np.allclose(still, plain, atol=1e-4)               # zero ranges: identity
+
+
+def test_dataset_cache(indexed):
+    from covidct.dataset import RoiDataset
+
+    ds = RoiDataset(indexed, batch_size=2, cache=2)
+    first = ds.read(0)
+    assert ds.read(0) is first
+    ds.read(1), ds.read(2)                                     # evicts 0 (least recent)
+    assert ds.read(0) is not first and np.array_equal(ds.read(0), first)
+    assert RoiDataset(indexed, batch_size=2).read(0) is not RoiDataset(indexed).read(0)
