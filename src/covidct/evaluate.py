@@ -321,14 +321,14 @@ def flat_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, floa
 
 def log_to_mlflow(metrics: Mapping[str, Any], files: Sequence[Path], *, tracking_uri: str,
                   experiment: str, run_name: str, tags: Mapping[str, Any],
-                  params: Mapping[str, Any]) -> str:
+                  params: Mapping[str, Any], config: str | Path | None = None) -> str:
     """One MLflow run with the metrics, params, tags and files as artifacts; returns its id."""
     import mlflow
 
     from covidct.tracking import mlflow_run
 
     with mlflow_run(tracking_uri, run_name, experiment=experiment, tags=tags,
-                    params=params) as run:
+                    params=params, config=config) as run:
         mlflow.log_metrics(flat_metrics(metrics))
         for f in files:
             mlflow.log_artifact(str(f))
@@ -369,6 +369,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--tracking-uri", default=None,
                         help="MLflow tracking URI, e.g. sqlite:///results/mlflow.db (none: no run)")
     parser.add_argument("--experiment", default="covidct", help="MLflow experiment (covidct)")
+    parser.add_argument("--config", default=None, help="workflow config file (its hash tags the run)")
     parser.add_argument("--run-name", default=None,
                         help="MLflow run name (default 'evaluate SITE MODEL')")
 
@@ -449,6 +450,7 @@ def run(args) -> int:
             params.update(n_bootstrap=args.n_bootstrap, seed=args.seed)
         run_id = log_to_mlflow(metrics, [metrics_json, roc_png, cal_png],
                                tracking_uri=args.tracking_uri, experiment=args.experiment,
+                               config=args.config,
                                run_name=args.run_name or f"evaluate {site} {model}".strip(),
                                tags=tags, params=params)
         log.info("MLflow run %s in %s", run_id, args.tracking_uri)

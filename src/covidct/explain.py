@@ -427,6 +427,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tracking-uri", default=None,
                         help="MLflow tracking URI (default sqlite:///results/mlflow.db; "
                              "'none' = no tracking)")
+    parser.add_argument("--experiment", default="covidct", help="MLflow experiment (covidct)")
     parser.add_argument("--config", default=None, help="workflow config (hashed into MLflow tags)")
 
 
@@ -593,7 +594,7 @@ def _track(tracking_uri: str, args, out: Path, by_site: pd.DataFrame, ratio, lay
     params = {"model": str(args.model), "n_per_site": args.n_per_site, "seed": args.seed,
               "layers": ", ".join(layers), "steps": args.steps, "step_size": args.step_size,
               "smooth_sigma": args.smooth_sigma, "fraction_for": args.fraction_for}
-    with mlflow_run(tracking_uri, "explain", params=params, config=args.config,
+    with mlflow_run(tracking_uri, "explain", experiment=args.experiment, params=params, config=args.config,
                     tags={"covidct.rule": "explain"}):
         metrics = {"pca_explained_variance_1": float(ratio[0]),
                    "pca_explained_variance_2": float(ratio[1])}

@@ -496,7 +496,7 @@ def split_patients(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, 
     return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
-def soft_and_hard_dice(model, x: np.ndarray, y: np.ndarray, batch_size: int) -> float:
+def validation_dice(model, x: np.ndarray, y: np.ndarray, batch_size: int) -> float:
     """Pooled Dice of the thresholded predictions on validation slices."""
     pred = np.asarray(model.predict(x, batch_size=batch_size, verbose=0))[..., 0] >= THRESHOLD
     return dice(pred, y[..., 0])
@@ -676,7 +676,7 @@ def train_segmenter(images: Sequence[Path], masks: Sequence[Path], out: Path, *,
                 loss = float((logs or {}).get("loss", float("nan")))
                 row = {"epoch": epoch + 1, "loss": loss}
                 if val_x is not None:
-                    row["val_dice"] = soft_and_hard_dice(self.model, val_x, val_y, batch_size)
+                    row["val_dice"] = validation_dice(self.model, val_x, val_y, batch_size)
                 row["seconds"] = round(time.perf_counter() - self.t0, 1)
                 history.append(row)
                 score = row.get("val_dice", -loss)

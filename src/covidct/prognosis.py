@@ -160,6 +160,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tracking-uri", default=None,
                         help="MLflow tracking URI (default sqlite:///results/mlflow.db; "
                              "'none' = no tracking)")
+    parser.add_argument("--experiment", default="covidct", help="MLflow experiment (covidct)")
     parser.add_argument("--config", default=None, help="workflow config file (hashed into the "
                                                        "MLflow tags)")
 
@@ -515,7 +516,7 @@ def _track_site(tracking_uri: str, site: str, role: str, stats: dict, cox: dict,
               "max_features": cox["selection"]["max_features"],
               "penalizer": cox["selection"]["penalizer"], "selected": ", ".join(cox["names"]),
               "cutoff": cox["cutoff"], "direction": DIRECTION}
-    with mlflow_run(tracking_uri, f"prognosis-{site}", params=params, config=args.config,
+    with mlflow_run(tracking_uri, f"prognosis-{site}", experiment=args.experiment, params=params, config=args.config,
                     tags={"covidct.rule": "prognosis", "covidct.site": site,
                           "covidct.role": role}):
         metrics = {k: stats[k] for k in ("n", "n_events", "n_high", "n_low", "logrank_statistic",

@@ -69,7 +69,8 @@ TRAIN_SITES = sites_for("train")
 PRETRAIN_SITES = sites_for("pretrain")
 DIAGNOSIS_SITES = sites_for("diagnosis")
 PROGNOSIS_SITES = sites_for("prognosis")
-EVAL_SITES = sorted(set(TRAIN_SITES) | set(DIAGNOSIS_SITES) | set(PROGNOSIS_SITES))
+# Table 2's column order: training sites, then diagnosis, then prognosis validation sites.
+EVAL_SITES = list(dict.fromkeys(TRAIN_SITES + DIAGNOSIS_SITES + PROGNOSIS_SITES))
 COX_SITES = sorted(set(TRAIN_SITES) | set(PROGNOSIS_SITES))
 
 

@@ -82,4 +82,4 @@ rule tables:
         "../../envs/stats.yaml"
     shell:
         "covidct tables --metrics {input.metrics} --ablation {input.ablation}"
-        " --predictions {input.predictions} --out-dir {params.out_dir} > {log} 2>&1"
+        " --out-dir {params.out_dir} > {log} 2>&1"
