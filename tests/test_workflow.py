@@ -169,3 +169,38 @@ def test_adding_a_training_site_retrains(repo, tiny_run):
     rules = {r for r, _ in _dry_run_jobs(workdir, new)}
     assert {"finetune_covid", "train_random_init"} <= rules
     assert "pretrain_egfr" not in rules
+
+
+def test_mlflow_has_the_gather_and_per_site_runs_only(tiny_run):
+    import mlflow
+
+    workdir, config, _ = tiny_run
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{workdir / 'results' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("covidct")
+    runs = client.search_runs([experiment.experiment_id], max_results=500)
+    names = sorted(r.info.run_name for r in runs)
+    for model in ("pretrain_egfr", "finetune_covid", "random_init"):
+        assert model in names, names
+    evaluate_runs = [r for r in runs if (r.info.run_name or "").startswith("evaluate ")]
+    assert len(evaluate_runs) == 2 * 3  # two models x three evaluated sites
+    assert {"prognosis-trainsite", "prognosis-progsite"} <= set(names)
+    assert all(r.data.tags.get("config_hash") not in (None, "none") for r in runs)
+    # no per-patient run: the fan-out never logs to MLflow
+    assert len(runs) < 20
+    finetune = next(r for r in runs if r.info.run_name == "finetune_covid")
+    history = client.get_metric_history(finetune.info.run_id, "val_auc")
+    cfg = yaml.safe_load(config.read_text())
+    assert len(history) == cfg["training"]["epochs"]["finetune_covid"]
+    assert client.get_registered_model("covidct-finetune_covid").name
+
+
+def test_report_gathers_tables_and_figures(tiny_run):
+    workdir, config, _ = tiny_run
+    _snakemake(workdir, "--configfile", str(config), "--report", "report.zip", timeout=600)
+    import zipfile
+
+    with zipfile.ZipFile(workdir / "report.zip") as zf:
+        names = zf.namelist()
+    assert any(n.endswith("table2.md") for n in names), names[:20]
+    assert any(n.endswith("km.png") for n in names)
+    assert any(n.endswith("roc.png") for n in names)

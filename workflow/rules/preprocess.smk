@@ -93,7 +93,7 @@ if SEGMENTATION["method"] == "fpn" and not SEGMENTATION["model"]:
             tracking=TRACKING,
         resources:
             gpu=1,
-        threads: workflow.cores
+        threads: TRAINING["threads"]
         log:
             "logs/train/lung_fpn.log",
         conda:

@@ -17,7 +17,7 @@ rule pretrain_egfr:
         init="",
     resources:
         gpu=1,
-    threads: workflow.cores
+    threads: TRAINING["threads"]
     log:
         "logs/train/pretrain_egfr.log",
     conda:
@@ -43,7 +43,7 @@ rule finetune_covid:
         init=lambda wc, input: f"--init {input.init}",
     resources:
         gpu=1,
-    threads: workflow.cores
+    threads: TRAINING["threads"]
     log:
         "logs/train/finetune_covid.log",
     conda:
@@ -67,7 +67,7 @@ rule train_random_init:
         init="",
     resources:
         gpu=1,
-    threads: workflow.cores
+    threads: TRAINING["threads"]
     log:
         "logs/train/random_init.log",
     conda:
