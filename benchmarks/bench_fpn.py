@@ -84,7 +84,6 @@ def copdgene_dice(model: Path) -> None:
     ref_img = sitk.DICOMOrient(sitk.ReadImage(str(folder / "wholeLung-64.nrrd")), "LPS")
     ct = sitk.GetArrayFromImage(ct_img)
     ref = sitk.GetArrayFromImage(ref_img) > 0
-    spacing = ct_img.GetSpacing()[::-1]
     t0 = time.perf_counter()
     prob = fpn.predict_probability(ct, fpn.load_model(model), batch_size=16)
     raw = prob >= fpn.THRESHOLD

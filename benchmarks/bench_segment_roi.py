@@ -96,7 +96,6 @@ def child(work: Path) -> dict:
 
 def accuracy(real_data: Path, work: Path) -> str:
     """Dice of the 512x512x300 mask against the CIP references (not timed)."""
-    import numpy as np
     import SimpleITK as sitk
 
     from covidct import zarrio

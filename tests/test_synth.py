@@ -16,7 +16,7 @@ from scipy import ndimage, stats
 from covidct import cli
 from covidct.errors import CovidctError
 from covidct.phantom import AIR, BONE, FAT, LUNG, PADDING, TABLE
-from covidct.sheet import COLUMNS, LABELS, check_sheet
+from covidct.sheet import COLUMNS, check_sheet
 from covidct.synth import cohort_table, identity, make_patient
 
 SMALL = dict(matrix=64, pixel_mm=5.5, slice_mm=5.0, n_slices=60, noise_hu=10.0, kernel_mm=1.0,

@@ -44,16 +44,15 @@ import logging
 import math
 import os
 import time
-import uuid
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 from scipy import ndimage as ndi
 
 from covidct.errors import CovidctError
+from covidct.zarrio import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -503,20 +502,6 @@ def validation_dice(model, x: np.ndarray, y: np.ndarray, batch_size: int) -> flo
 
 
 # ============================================================================ the stage
-@contextmanager
-def _atomic_keras_file(path: Path) -> Iterator[Path]:
-    """A temporary '.keras' sibling of ``path`` (Keras insists on the suffix), renamed into
-    place when the block succeeds, removed otherwise."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp-{uuid.uuid4().hex[:8]}{path.suffix}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def set_threads(n: int) -> None:
     """Limit TensorFlow's CPU threads (0 = all cores); call before any TF op runs."""
     if n <= 0:
@@ -692,7 +677,7 @@ def train_segmenter(images: Sequence[Path], masks: Sequence[Path], out: Path, *,
         model.fit(dataset, epochs=epochs, verbose=0, callbacks=[EpochEnd()])
         model.set_weights(best["weights"])
         model_path = out / "model.keras"
-        with _atomic_keras_file(model_path) as tmp:
+        with atomic_path(model_path) as tmp:
             model.save(tmp)
         val_dice = history[best["epoch"] - 1].get("val_dice")
         mlflow.log_metrics({"selected_epoch": best["epoch"],
@@ -709,8 +694,6 @@ def train_segmenter(images: Sequence[Path], masks: Sequence[Path], out: Path, *,
             "encoder_weights": params["encoder_weights"], "n_train": len(train_v),
             "n_val": len(val_v), "backend": backend, "history": history,
         }
-    from covidct.zarrio import atomic_path
-
     with atomic_path(run_json) as tmp:
         tmp.write_text(json.dumps(record, indent=2) + "\n")
     log.info("selected epoch %d (val_dice %s); model %s, MLflow run %s", best["epoch"],

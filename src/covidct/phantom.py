@@ -178,7 +178,7 @@ def draw_anatomy(rng: np.random.Generator, grid: Grid, *, sex: str = "M", age: f
     muscle = rng.uniform(6, 11) * (1.1 if male else 0.9)
     rib_th = rng.uniform(7, 9)
     cav = fat + muscle + rib_th + 1.0
-    A, B_ant, B_post = a - cav, b_ant - cav, b_post - cav
+    A, B_ant, _B_post = a - cav, b_ant - cav, b_post - cav
 
     z_dome_r = L * rng.uniform(0.26, 0.32)
     z_dome_l = z_dome_r - rng.uniform(10, 22)
@@ -819,7 +819,6 @@ def _viral(les: Lesions, sev: float):
     burden = 0.04 + 0.32 * sev
     d = les.dist
     z, y, x = les.coords()
-    an = les.an
     hil = np.zeros(les.mask.shape, np.float32)
     for s, h in les.info.get("hila", {}).items():
         hil = np.maximum(hil, np.exp(-np.sqrt((z - h[0]) ** 2 + (y - h[1]) ** 2 + (x - h[2]) ** 2) / 70.0))

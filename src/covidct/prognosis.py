@@ -217,7 +217,7 @@ def load_cohort(train: Sequence[Path], validate: Sequence[Path], sheet_path: Pat
     preds = pd.concat(frames, ignore_index=True)
     dup = preds["patient"][preds["patient"].duplicated()]
     if len(dup):
-        raise CovidctError(f"patient appears in more than one predictions row or file",
+        raise CovidctError("patient appears in more than one predictions row or file",
                            patient=str(dup.iloc[0]), path=preds.loc[dup.index[0], "covidct_source"])
     sites = ([s for s in dict.fromkeys(preds["site"]) if roles[s] == "train"]
              + [s for s in dict.fromkeys(preds["site"]) if roles[s] == "validate"])

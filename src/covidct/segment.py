@@ -639,7 +639,6 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    d = ThresholdParams()
     params = ThresholdParams(threshold=args.threshold, close_mm=args.close_mm,
                              pleural_depth_mm=args.pleural_depth_mm,
                              work_z_mm=args.work_mm[0], work_xy_mm=args.work_mm[1])

@@ -27,15 +27,14 @@ import logging
 import math
 import os
 import time
-import uuid
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
 
 from covidct.errors import CovidctError
+from covidct.zarrio import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -183,19 +182,9 @@ def weights_digest(weights: Sequence[np.ndarray]) -> str:
     return h.hexdigest()[:16]
 
 
-@contextmanager
-def atomic_file(path: Path) -> Iterator[Path]:
-    """A temporary sibling of ``path`` with the same suffix (Keras wants '.keras'), renamed on
-    success and removed on failure."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp-{uuid.uuid4().hex[:8]}{path.suffix}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+def atomic_file(path: Path):
+    """A temporary sibling of ``path`` with the same suffixes, renamed into place on success."""
+    return atomic_path(path)
 
 
 def write_csv(df: pd.DataFrame, path: Path) -> None:

@@ -58,10 +58,15 @@ def default_chunks(shape: Sequence[int]) -> tuple[int, ...]:
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling of ``path``; rename it to ``path`` when the block succeeds."""
+    """Yield a temporary sibling of ``path``; rename it to ``path`` when the block succeeds.
+
+    The temporary name keeps every suffix (``.ct.tmp-1a2b3c4d.nii.gz``), since writers such as
+    SimpleITK and Keras choose the format by the file name.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    base, dot, suffixes = path.name.partition(".")
+    tmp = path.parent / f".{base}.tmp-{uuid.uuid4().hex[:8]}{dot}{suffixes}"
     try:
         yield tmp
         if path.exists():
