@@ -542,6 +542,91 @@ class _Clock:
                 f"(cpu {time.process_time() - self.cpu:.2f} s)")
 
 
+@dataclass
+class LoadedCT:
+    """A scan in HU and canonical orientation, with the non-identifying facts about its source."""
+
+    array: np.ndarray                  # int16 HU, (z, y, x), LPS
+    spacing_xyz: tuple[float, ...]
+    origin: tuple[float, ...]
+    direction: tuple[float, ...]
+    source_direction: tuple[float, ...]
+    source_format: str
+    n_files: int
+    source_size: tuple[int, ...]
+    source_range: tuple[float, float]
+    padding_hu: tuple
+    n_padding: int
+    rescale_intercept_added: float | None
+    provenance: dict
+    path: Path
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """(z, y, x) mm."""
+        return tuple(float(v) for v in self.spacing_xyz[::-1])
+
+
+def load_ct(source: str | Path, *, min_slices: int = DEFAULT_MIN_SLICES,
+            max_gap: float = DEFAULT_MAX_GAP, spacing_tolerance: float = DEFAULT_SPACING_TOLERANCE,
+            padding_below: float = DEFAULT_PADDING_BELOW_HU, air: int = AIR_HU,
+            rescale_intercept: float | None = None) -> LoadedCT:
+    """Read, orient to LPS and repair ``source`` into int16 HU: every step of ingest but the write.
+
+    ``covidct predict`` uses it for a single scan in memory. Raises :class:`CovidctError`.
+    """
+    import SimpleITK as sitk
+
+    from covidct import zarrio
+
+    clock = _Clock()
+    scan = read_scan(Path(source), min_slices=min_slices, max_gap=max_gap,
+                     tolerance=spacing_tolerance)
+    size = scan.image.GetSize()
+    log.info("read: %s, %d file(s), %s voxels, spacing %s mm, in %s", scan.source_format,
+             scan.n_files, "x".join(map(str, size)),
+             "x".join(f"{s:.4g}" for s in scan.image.GetSpacing()), clock)
+
+    clock = _Clock()
+    image, source_direction = orient_lps(scan.image)
+    scan.image = None
+    direction = tuple(float(d) for d in image.GetDirection())
+    if not np.allclose(direction, zarrio.IDENTITY, atol=1e-4):
+        log.warning("oblique acquisition: direction after LPS reorientation is %s",
+                    [round(d, 4) for d in direction])
+    n_z = image.GetSize()[2]
+    if n_z < min_slices:
+        raise CovidctError(f"fewer than {min_slices} slices (found {n_z})", step=STEP,
+                           path=scan.path)
+    log.info("orient: LPS from direction %s in %s",
+             [round(d, 3) for d in source_direction], clock)
+
+    clock = _Clock()
+    array = sitk.GetArrayViewFromImage(image)   # no copy: repair_hu makes the int16 one
+    lo, hi = float(array.min()), float(array.max())
+    added = None
+    if lo >= 0:
+        if rescale_intercept is None:
+            raise CovidctError(
+                f"no voxel below 0 HU (values {lo:g}..{hi:g}): not Hounsfield units, e.g. "
+                "stored values without the rescale intercept, or not a CT; pass "
+                "--rescale-intercept (e.g. -1024) if the values are HU minus that",
+                step=STEP, path=scan.path)
+        array = array.astype(np.float32) + float(rescale_intercept)
+        added = rescale_intercept
+        log.warning("no voxel below 0: added rescale intercept %g", rescale_intercept)
+    array, n_padding = repair_hu(array, padding_below=padding_below,
+                                 padding_values=scan.padding_hu, air=air)
+    log.info("hu: source range %g..%g, %d padding voxels set to %d HU, range %d..%d, in %s",
+             lo, hi, n_padding, air, int(array.min()), int(array.max()), clock)
+    return LoadedCT(array=array, spacing_xyz=tuple(image.GetSpacing()), origin=image.GetOrigin(),
+                    direction=direction, source_direction=tuple(source_direction),
+                    source_format=scan.source_format, n_files=scan.n_files,
+                    source_size=tuple(size), source_range=(lo, hi),
+                    padding_hu=tuple(scan.padding_hu), n_padding=n_padding,
+                    rescale_intercept_added=added, provenance=scan.provenance, path=scan.path)
+
+
 def ingest(source: str | Path, out: str | Path, *, patient: str | None = None,
            min_slices: int = DEFAULT_MIN_SLICES, max_gap: float = DEFAULT_MAX_GAP,
            spacing_tolerance: float = DEFAULT_SPACING_TOLERANCE,
@@ -552,81 +637,38 @@ def ingest(source: str | Path, out: str | Path, *, patient: str | None = None,
     Raises :class:`CovidctError` (naming ``patient`` and the file) on bad input; ``out`` is then
     left untouched (absent when it was absent).
     """
-    import SimpleITK as sitk
-
     from covidct import __version__, zarrio
 
     source, out = Path(source), Path(out)
     try:
-        clock = _Clock()
-        scan = read_scan(source, min_slices=min_slices, max_gap=max_gap,
-                         tolerance=spacing_tolerance)
-        size = scan.image.GetSize()
-        log.info("read: %s, %d file(s), %s voxels, spacing %s mm, in %s", scan.source_format,
-                 scan.n_files, "x".join(map(str, size)),
-                 "x".join(f"{s:.4g}" for s in scan.image.GetSpacing()), clock)
-
-        clock = _Clock()
-        image, source_direction = orient_lps(scan.image)
-        scan.image = None
-        direction = tuple(float(d) for d in image.GetDirection())
-        if not np.allclose(direction, zarrio.IDENTITY, atol=1e-4):
-            log.warning("oblique acquisition: direction after LPS reorientation is %s",
-                        [round(d, 4) for d in direction])
-        n_z = image.GetSize()[2]
-        if n_z < min_slices:
-            raise CovidctError(f"fewer than {min_slices} slices (found {n_z})", step=STEP,
-                               path=scan.path)
-        spacing_xyz = image.GetSpacing()
-        origin = image.GetOrigin()
-        log.info("orient: LPS from direction %s in %s",
-                 [round(d, 3) for d in source_direction], clock)
-
-        clock = _Clock()
-        array = sitk.GetArrayViewFromImage(image)   # no copy: repair_hu makes the int16 one
-        lo, hi = float(array.min()), float(array.max())
-        guard_fixed = False
-        if lo >= 0:
-            if rescale_intercept is None:
-                raise CovidctError(
-                    f"no voxel below 0 HU (values {lo:g}..{hi:g}): not Hounsfield units, e.g. "
-                    "stored values without the rescale intercept, or not a CT; pass "
-                    "--rescale-intercept (e.g. -1024) if the values are HU minus that",
-                    step=STEP, path=scan.path)
-            array = array.astype(np.float32) + float(rescale_intercept)
-            guard_fixed = True
-            log.warning("no voxel below 0: added rescale intercept %g", rescale_intercept)
-        array, n_padding = repair_hu(array, padding_below=padding_below,
-                                     padding_values=scan.padding_hu, air=air)
-        del image
-        out_lo, out_hi = int(array.min()), int(array.max())
+        ct = load_ct(source, min_slices=min_slices, max_gap=max_gap,
+                     spacing_tolerance=spacing_tolerance, padding_below=padding_below, air=air,
+                     rescale_intercept=rescale_intercept)
+        array = ct.array
         digest = hashlib.sha256(np.ascontiguousarray(array).data).hexdigest()
-        log.info("hu: source range %g..%g, %d padding voxels set to %d HU, range %d..%d, "
-                 "in %s", lo, hi, n_padding, air, out_lo, out_hi, clock)
-
         attrs = {
             "patient": patient,
             "modality": "CT",
             "ingest": {
                 "covidct_version": __version__,
-                "source_format": scan.source_format,
-                "source_files": scan.n_files,
-                "source_size_xyz": list(size),
-                "source_direction": list(source_direction),
-                "source_hu_range": [lo, hi],
-                "hu_range": [out_lo, out_hi],
+                "source_format": ct.source_format,
+                "source_files": ct.n_files,
+                "source_size_xyz": list(ct.source_size),
+                "source_direction": list(ct.source_direction),
+                "source_hu_range": list(ct.source_range),
+                "hu_range": [int(array.min()), int(array.max())],
                 "air_hu": air,
                 "padding_below_hu": padding_below,
-                "padding_values_hu": list(scan.padding_hu),
-                "padding_voxels_replaced": n_padding,
-                "rescale_intercept_added": rescale_intercept if guard_fixed else None,
+                "padding_values_hu": list(ct.padding_hu),
+                "padding_voxels_replaced": ct.n_padding,
+                "rescale_intercept_added": ct.rescale_intercept_added,
                 "voxel_sha256": digest,
-                "header": scan.provenance,
+                "header": ct.provenance,
             },
         }
         clock = _Clock()
-        zarrio.write_image(out, array, spacing=spacing_xyz[::-1], origin=origin,
-                           direction=direction, attrs=attrs, name=patient or out.stem,
+        zarrio.write_image(out, array, spacing=ct.spacing_xyz[::-1], origin=ct.origin,
+                           direction=ct.direction, attrs=attrs, name=patient or out.stem,
                            clevel=clevel)
         log.info("write: %s (%s int16, %.1f MB raw) in %s", out.name,
                  "x".join(map(str, array.shape)), array.nbytes / 1e6, clock)

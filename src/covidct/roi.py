@@ -234,19 +234,107 @@ def _body_on_grid(ct_array, spacing, target_mm: float = 4.0, body_hu: float = -5
     return body_mask(small.astype(np.float32), body_hu), strides
 
 
-def _roi_geometry(img, bbox, size):
-    """Spacing (z, y, x) and origin (x, y, z) of the resized ROI voxels (corner-aligned resize)."""
+def roi_spacing(spacing, bbox, size) -> tuple[float, float, float]:
+    """Spacing (z, y, x) of the resized ROI voxels (corner-aligned resize of the ``bbox`` box)."""
     z0, z1, y0, y1, x0, x1 = bbox
     n = np.array([z1 - z0, y1 - y0, x1 - x0], float)
     m = np.array(size, float)
-    sp = np.asarray(img.spacing, float)
+    sp = np.asarray(spacing, float)
     # zoom maps output index i to input index i * (n - 1) / (m - 1): voxel centres at the ends
     new_sp = sp * np.where(m > 1, (n - 1) / np.maximum(m - 1, 1), n)
     new_sp = np.where(new_sp > 0, new_sp, sp)
+    return tuple(float(s) for s in new_sp)
+
+
+def _roi_geometry(img, bbox, size):
+    """Spacing (z, y, x) and origin (x, y, z) of the resized ROI voxels (corner-aligned resize)."""
+    z0, _, y0, _, x0, _ = bbox
+    sp = np.asarray(img.spacing, float)
     start_zyx = np.array([z0, y0, x0], float)
     d = np.asarray(img.direction, float).reshape(3, 3)
     origin = np.asarray(img.origin, float) + d @ (start_zyx[::-1] * sp[::-1])
-    return tuple(float(s) for s in new_sp), tuple(float(o) for o in origin)
+    return roi_spacing(img.spacing, bbox, size), tuple(float(o) for o in origin)
+
+
+class SegmentationFailed(CovidctError):
+    """The lung mask is implausible or gives no usable box (and no fallback was allowed)."""
+
+
+def roi_from_arrays(ct, mask, spacing, size=PAPER_SIZE, *, body_ml: float | None = None,
+                    allow_fallback: bool = False, min_area_fraction: float = 0.03,
+                    min_slices: int = 3, min_pixels: int = 60, percentile: float = 95,
+                    n_std: float = 4, min_lung_ml: float = 200.0, max_lung_ml: float = 12000.0,
+                    max_body_fraction: float = 0.6, patient: str | None = None
+                    ) -> tuple[np.ndarray, dict]:
+    """The lung ROI of a CT and its lung mask: ``(roi float16 of shape size, attrs)``.
+
+    The array part of the ``roi`` stage (the stage and ``covidct predict`` share it). ``ct`` is
+    the (z, y, x) HU array, numpy or a lazy zarr array (only the box is read); ``mask`` the lung
+    mask on the same grid (numpy, nonzero = lung); ``spacing`` (z, y, x) mm. ``body_ml`` is the
+    body volume the threshold segmenter records; None = measured here on a 4-mm grid.
+
+    Raises :class:`SegmentationFailed` for an implausible mask or a rejected box (unless
+    ``allow_fallback``: then the body's bounding box is used with the clip only), and
+    :class:`RoiRejected` when even the fallback finds no body. ``attrs`` holds the box, the
+    suppression limits, the z-score, sizes, volumes, fallback and reason, and the rules.
+    """
+    size = tuple(int(s) for s in size)
+    spacing = tuple(float(s) for s in spacing)
+    if tuple(mask.shape) != tuple(ct.shape):
+        raise CovidctError(f"lung mask shape {tuple(mask.shape)} != CT shape {tuple(ct.shape)}",
+                           step=STEP, patient=patient)
+    mask = np.asarray(mask)
+    if mask.dtype != bool:
+        mask = mask != 0
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    lung_ml = float(np.count_nonzero(mask)) * voxel_ml
+    if body_ml is None:
+        body, strides = _body_on_grid(ct, spacing)
+        body_ml = float(body.sum()) * voxel_ml * float(np.prod(strides))
+        del body
+
+    reason = check_lung_mask(lung_ml, body_ml, min_ml=min_lung_ml, max_ml=max_lung_ml,
+                             max_body_fraction=max_body_fraction)
+    bbox = None
+    if reason is None:
+        try:
+            bbox = lung_bbox(mask, min_area_fraction, min_slices, min_pixels)
+        except RoiRejected as err:
+            reason = err.reason
+    fallback = reason is not None
+    if fallback:
+        if not allow_fallback:
+            raise SegmentationFailed(f"segmentation failed: {reason} (use --allow-fallback to crop "
+                                     f"the body instead)", step=STEP, patient=patient)
+        log.warning("patient %s: %s; falling back to the body's bounding box", patient or "-", reason)
+        bbox = body_bbox(np.asarray(ct[...]))   # the full-resolution body (a rare path)
+    z0, z1, y0, y1, x0, x1 = bbox
+    ct_box = np.asarray(ct[z0:z1, y0:y1, x0:x1])
+    mask_box = None if fallback else mask[z0:z1, y0:y1, x0:x1]
+    box, limits = suppress_non_lung(ct_box, mask_box, percentile, n_std)
+    del ct_box
+    mean, sd = zscore_stats(box)
+    # z-scoring commutes with the (linear, constant-preserving) spline resize, so it is applied
+    # to the small resized array: the same values as zscore() then resize_cubic()
+    roi = resize_cubic(box, size)
+    del box
+    roi = ((roi - np.float32(mean)) / np.float32(sd)).astype(np.float16)
+    attrs = {
+        "bbox": [int(v) for v in bbox],
+        "bbox_convention": "z0,z1,y0,y1,x0,x1 half-open voxel indices of ct.zarr",
+        "box_shape": [z1 - z0, y1 - y0, x1 - x0],
+        "clip_hu": limits["clip_hu"], "percentile": limits["percentile"], "n_std": limits["n_std"],
+        "lung_mean_hu": limits["lung_mean_hu"], "lung_std_hu": limits["lung_std_hu"],
+        "clamp_hu": limits["clamp_hu"], "zscore_mean": mean, "zscore_sd": sd,
+        "size": list(size), "roi_spacing_mm": list(roi_spacing(spacing, bbox, size)),
+        "ct_spacing_mm": list(spacing),
+        "lung_volume_ml": round(lung_ml, 1), "body_volume_ml": round(body_ml, 1),
+        "fallback": bool(fallback), "reason": reason,
+        "rules": {"min_area_fraction": min_area_fraction, "min_slices": min_slices,
+                  "min_pixels": min_pixels, "min_lung_ml": min_lung_ml, "max_lung_ml": max_lung_ml,
+                  "max_body_fraction": max_body_fraction},
+    }
+    return roi, attrs
 
 
 def make_roi(ct_path, lung_path, out_path, *, size=PAPER_SIZE, patient: str | None = None,
@@ -254,7 +342,11 @@ def make_roi(ct_path, lung_path, out_path, *, size=PAPER_SIZE, patient: str | No
              min_slices: int = 3, min_pixels: int = 60, percentile: float = 95, n_std: float = 4,
              min_lung_ml: float = 200.0, max_lung_ml: float = 12000.0,
              max_body_fraction: float = 0.6) -> dict:
-    """Build ``roi.zarr`` from a CT store and its lung mask; returns the attributes written."""
+    """Build ``roi.zarr`` from a CT store and its lung mask; returns the attributes written.
+
+    The arrays are computed by :func:`roi_from_arrays`; this adds the stores, the geometry of
+    the ROI voxels, the provenance attributes and the QC picture.
+    """
     from covidct import zarrio
 
     ct_path, lung_path, out_path = Path(ct_path), Path(lung_path), Path(out_path)
@@ -273,59 +365,23 @@ def make_roi(ct_path, lung_path, out_path, *, size=PAPER_SIZE, patient: str | No
         raise CovidctError(f"lung mask shape {tuple(lung_img.array.shape)} != CT shape "
                            f"{tuple(ct.array.shape)}", step=STEP, patient=patient, path=lung_path)
     mask = lung_img.read() != 0
-    voxel_ml = float(np.prod(ct.spacing)) / 1000.0
-    lung_ml = float(np.count_nonzero(mask)) * voxel_ml
-    body, strides = None, None
-    body_ml = lung_img.attrs.get("body_volume_ml")   # the threshold method records it
-    if body_ml is None:
-        body, strides = _body_on_grid(ct.array, ct.spacing)
-        body_ml = float(body.sum()) * voxel_ml * float(np.prod(strides))
-
-    reason = check_lung_mask(lung_ml, body_ml, min_ml=min_lung_ml, max_ml=max_lung_ml,
-                             max_body_fraction=max_body_fraction)
-    bbox = None
-    if reason is None:
-        try:
-            bbox = lung_bbox(mask, min_area_fraction, min_slices, min_pixels)
-        except RoiRejected as err:
-            reason = err.reason
-    fallback = reason is not None
-    if fallback:
-        if not allow_fallback:
-            raise CovidctError(f"segmentation failed: {reason} (use --allow-fallback to crop the "
-                               f"body instead)", step=STEP, patient=patient, path=lung_path)
-        log.warning("patient %s: %s; falling back to the body's bounding box", patient or "-", reason)
-        try:   # the full-resolution body (a rare path: cost does not matter)
-            bbox = body_bbox(ct.read())
-        except RoiRejected as err:
-            raise CovidctError(f"fallback impossible: {err.reason}", step=STEP, patient=patient,
-                               path=ct_path)
-    z0, z1, y0, y1, x0, x1 = bbox
-    ct_box = np.asarray(ct.array[z0:z1, y0:y1, x0:x1])
-    mask_box = None if fallback else mask[z0:z1, y0:y1, x0:x1]
-    box, limits = suppress_non_lung(ct_box, mask_box, percentile, n_std)
-    del ct_box
-    mean, sd = zscore_stats(box)
-    # z-scoring commutes with the (linear, constant-preserving) spline resize, so it is applied
-    # to the small resized array: the same values as zscore() then resize_cubic()
-    roi = resize_cubic(box, size)
-    roi = ((roi - np.float32(mean)) / np.float32(sd)).astype(np.float16)
+    try:
+        roi, core = roi_from_arrays(
+            ct.array, mask, ct.spacing, size,
+            body_ml=lung_img.attrs.get("body_volume_ml"),   # the threshold method records it
+            allow_fallback=allow_fallback, min_area_fraction=min_area_fraction,
+            min_slices=min_slices, min_pixels=min_pixels, percentile=percentile, n_std=n_std,
+            min_lung_ml=min_lung_ml, max_lung_ml=max_lung_ml,
+            max_body_fraction=max_body_fraction, patient=patient)
+    except SegmentationFailed as err:
+        raise err.with_context(patient=patient, path=lung_path)
+    except RoiRejected as err:
+        raise CovidctError(f"fallback impossible: {err.reason}", step=STEP, patient=patient,
+                           path=ct_path)
+    bbox, fallback, reason = core["bbox"], core["fallback"], core["reason"]
     spacing, origin = _roi_geometry(ct, bbox, size)
-    attrs = {
-        "kind": "lung_roi", "source_ct": ct_path.name, "source_mask": lung_path.name,
-        "bbox": [int(v) for v in bbox], "bbox_convention": "z0,z1,y0,y1,x0,x1 half-open voxel indices of ct.zarr",
-        "box_shape": [z1 - z0, y1 - y0, x1 - x0],
-        "clip_hu": limits["clip_hu"], "percentile": limits["percentile"], "n_std": limits["n_std"],
-        "lung_mean_hu": limits["lung_mean_hu"], "lung_std_hu": limits["lung_std_hu"],
-        "clamp_hu": limits["clamp_hu"], "zscore_mean": mean, "zscore_sd": sd,
-        "size": [int(s) for s in size], "roi_spacing_mm": list(spacing),
-        "ct_spacing_mm": [float(s) for s in ct.spacing],
-        "lung_volume_ml": round(lung_ml, 1), "body_volume_ml": round(body_ml, 1),
-        "fallback": bool(fallback), "reason": reason,
-        "rules": {"min_area_fraction": min_area_fraction, "min_slices": min_slices,
-                  "min_pixels": min_pixels, "min_lung_ml": min_lung_ml, "max_lung_ml": max_lung_ml,
-                  "max_body_fraction": max_body_fraction},
-    }
+    attrs = {"kind": "lung_roi", "source_ct": ct_path.name, "source_mask": lung_path.name,
+             **core}
     for key in ("patient", "site"):
         for source in (ct.attrs, lung_img.attrs):
             if key in source:
@@ -341,9 +397,9 @@ def make_roi(ct_path, lung_path, out_path, *, size=PAPER_SIZE, patient: str | No
         from covidct.qc import save_qc_png
 
         save_qc_png(qc_path, ct, mask, bbox, title=f"{patient or ct_path.parent.name}"
-                    + (f"  FALLBACK: {reason}" if fallback else f"  lung {lung_ml:.0f} ml"))
+                    + (f"  FALLBACK: {reason}" if fallback else f"  lung {core['lung_volume_ml']:.0f} ml"))
     log.info("patient %s: roi bbox %s -> %s, clip %.0f HU%s in %.2f s", patient or "-", list(bbox),
-             list(size), limits["clip_hu"], " (fallback)" if fallback else "",
+             list(size), core["clip_hu"], " (fallback)" if fallback else "",
              time.perf_counter() - t0)
     return attrs
 

@@ -1,0 +1,192 @@
+"""Benchmark: `covidct predict` on a 512x512x300 DICOM series. Goal (the paper's): under 10 s.
+
+    .venv/bin/python benchmarks/bench_predict.py [--threads 2] [--repeats 3] [--cache DIR]
+
+Built once and cached (default: $TMPDIR/covidct_bench_predict):
+- a 512 x 512 x 300 DICOM series (one file a slice) of a synthetic chest phantom
+  (covidct.synth.make_patient with a 512 matrix, 0.7 mm pixels, 1 mm slices);
+- COVID-19Net at the paper's input size 48x240x360 (covidct.model.covid19net; untrained weights:
+  the time does not depend on them), saved as model.keras;
+- a cox.json in the format `covidct prognosis` writes (two DL features + age, sex, comorbidity).
+
+Measured:
+1. the whole command line in a fresh process, wall seconds, median of --repeats, without and
+   with --saliency (`--threads N`: TensorFlow intra-op, SimpleITK and dask threads), with its
+   peak memory (ru_maxrss of the waited-for children: the command and its preprocessing fork);
+   the command's own timing_s of the last run (read, segment and roi run in the forked
+   process while TensorFlow is imported and the model loaded);
+2. the in-process steps one after the other in a fresh process (read, segment, roi, TensorFlow
+   import, model load, first inference, a second inference, saliency gradient, saliency PNG).
+For a 2-core figure on a bigger machine, pin the benchmark: `taskset -c 0,1 .venv/bin/python ...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SHAPE = (300, 512, 512)
+PAPER = (48, 240, 360)
+
+
+def build(cache: Path) -> None:
+    """Write the series, the model and cox.json into ``cache`` (skips what exists)."""
+    import numpy as np
+
+    series, model_path, cox_path = cache / "series", cache / "model.keras", cache / "cox.json"
+    if not (series / "done").exists():
+        from covidct.dicomio import write_series
+        from covidct.synth import PatientSpec, dicom_header, make_patient
+
+        t = time.perf_counter()
+        spec = PatientSpec.from_row({"matrix": SHAPE[1], "pixel_mm": 0.7, "slice_mm": 1.0,
+                                     "n_slices": SHAPE[0], "seed": 11, "label": "covid",
+                                     "severity": 0.6})
+        volume, _, spacing, origin = make_patient(spec)
+        assert volume.shape == SHAPE, volume.shape
+        header = {**dicom_header(spec), "PixelPaddingValue": int(spec.padding_hu + 3072)}
+        write_series(volume, series, spacing=spacing, origin=origin, header=header,
+                     rescale_intercept=-3072.0, uid_seed=11)
+        (series / "done").write_text("")
+        print(f"built the {'x'.join(map(str, SHAPE[::-1]))} series in "
+              f"{time.perf_counter() - t:.1f} s", file=sys.stderr)
+    if not model_path.exists():
+        from covidct.model import covid19net
+
+        covid19net(PAPER).save(model_path)
+    if not cox_path.exists():
+        from covidct.prognosis import DIRECTION
+
+        rng = np.random.default_rng(0)
+        cox = {"direction": DIRECTION,
+               "covariates": ["feature_7", "feature_22", "age", "sex", "comorbidity"],
+               "coefficients": [float(v) for v in rng.normal(0, 0.5, 5)],
+               "mean": [0.0, 0.0, 55.0, 0.5, 0.3], "sd": [1.0, 1.0, 12.0, 0.5, 0.46],
+               "cutoff": 0.0}
+        cox_path.write_text(json.dumps(cox))
+
+
+def steps(cache: Path, threads: int) -> dict:
+    """The in-process steps, each timed, in this (fresh) process."""
+    from covidct.predict import (load_ct, load_feature_model, segment_ct,
+                                 set_predict_threads)
+
+    set_predict_threads(threads)
+    out = {}
+    t = time.perf_counter()
+    ct, spacing, _ = load_ct(cache / "series")
+    out["read"] = time.perf_counter() - t
+    t = time.perf_counter()
+    mask, body_ml, _ = segment_ct(ct, spacing)
+    out["segment"] = time.perf_counter() - t
+    from covidct.roi import roi_from_arrays
+
+    t = time.perf_counter()
+    roi16, attrs = roi_from_arrays(ct, mask, spacing, PAPER, body_ml=body_ml)
+    out["roi"] = time.perf_counter() - t
+    t = time.perf_counter()
+    import keras  # noqa: F401
+
+    out["tensorflow_import"] = time.perf_counter() - t
+    t = time.perf_counter()
+    feature_model, model = load_feature_model(cache / "model.keras")
+    out["model_load"] = time.perf_counter() - t
+    import numpy as np
+
+    x = roi16.astype(np.float32)[None, ..., None]
+    for key in ("inference_first", "inference_second"):
+        t = time.perf_counter()
+        p, f = feature_model([x], training=False)
+        np.asarray(p)
+        out[key] = time.perf_counter() - t
+    from covidct.explain import lung_mask_in_roi, plot_saliency, saliency
+
+    t = time.perf_counter()
+    sal = saliency(model, roi16.astype(np.float32))
+    out["saliency_gradient"] = time.perf_counter() - t
+    t = time.perf_counter()
+    plot_saliency(cache / "steps_saliency.png", roi16.astype(np.float32), sal, "bench",
+                  lung_mask_roi=lung_mask_in_roi(mask, attrs["bbox"], PAPER))
+    out["saliency_png"] = time.perf_counter() - t
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out
+
+
+def run_cli(cache: Path, threads: int, saliency: bool) -> tuple[float, float, dict]:
+    cmd = [sys.executable, "-m", "covidct", "predict", str(cache / "series"),
+           "--model", str(cache / "model.keras"), "--cox", str(cache / "cox.json"),
+           "--age", "61", "--sex", "M", "--comorbidity", "1", "--threads", str(threads)]
+    if saliency:
+        cmd += ["--saliency", str(cache / "saliency.png")]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    if proc.returncode != 0:
+        sys.exit(f"covidct predict failed:\n{proc.stderr}")
+    return wall, cpu, json.loads(proc.stdout)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--cache", type=Path,
+                        default=Path(tempfile.gettempdir()) / "covidct_bench_predict")
+    parser.add_argument("--mode", choices=("all", "build", "steps"), default="all",
+                        help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.cache.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if args.mode == "build":
+        build(args.cache)
+        return
+    if args.mode == "steps":
+        print(json.dumps(steps(args.cache, args.threads)))
+        return
+
+    # building imports TensorFlow: in a child, so this process stays small for ru_maxrss
+    subprocess.run([sys.executable, __file__, "--mode", "build", "--cache", str(args.cache)],
+                   check=True)
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count()
+    print(f"covidct predict on a {'x'.join(map(str, SHAPE[::-1]))} DICOM series "
+          f"(300 files), model input {'x'.join(map(str, PAPER))}, --threads {args.threads}, "
+          f"{cores} cores available")
+    for saliency in (False, True):
+        walls, cpus, last = [], [], None
+        for _ in range(args.repeats):
+            wall, cpu, last = run_cli(args.cache, args.threads, saliency)
+            walls.append(wall)
+            cpus.append(cpu)
+        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        label = "with --saliency   " if saliency else "without --saliency"
+        print(f"CLI {label}: median {statistics.median(walls):.2f} s wall "
+              f"(runs {', '.join(f'{w:.2f}' for w in walls)}), median CPU {statistics.median(cpus):.2f} s "
+              f"(user + system, all its processes); peak RSS so far {peak:.0f} MB")
+        print("   its timing_s: " + ", ".join(f"{k} {v:.2f}" for k, v in last["timing_s"].items()))
+    proc = subprocess.run([sys.executable, __file__, "--mode", "steps", "--cache",
+                           str(args.cache), "--threads", str(args.threads)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(proc.stderr)
+    s = json.loads(proc.stdout.strip().splitlines()[-1])
+    print("in-process steps, one after the other (s): "
+          + ", ".join(f"{k} {v:.2f}" for k, v in s.items() if k != "peak_rss_mb")
+          + f"; peak RSS {s['peak_rss_mb']:.0f} MB")
+
+
+if __name__ == "__main__":
+    main()
