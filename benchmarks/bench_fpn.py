@@ -54,9 +54,11 @@ def train(args) -> Path:
     volumes = []
     for row in synthetic_rows(args.n, args.config):
         ct, mask, spacing, _ = synth.make_patient(row)
-        volumes.append(fpn.prepare_volume(row["patient"], ct, mask, args.size))
+        volumes.append(fpn.prepare_volume(row["patient"], ct, mask, args.size, spacing,
+                                          args.fov_mm))
     n_slices = sum(v.image.shape[0] for v in volumes)
-    print(f"synthetic scans: {len(volumes)} ({n_slices} slices, lung fraction "
+    print(f"synthetic scans: {len(volumes)} ({n_slices} slices, field of view "
+          f"{args.fov_mm or 'whole slice'} mm, lung fraction "
           f"{np.mean([v.mask.mean() for v in volumes]):.3f}) made in "
           f"{time.perf_counter() - t0:.0f} s", flush=True)
     t0 = time.perf_counter()
@@ -85,7 +87,9 @@ def copdgene_dice(model: Path) -> None:
     ct = sitk.GetArrayFromImage(ct_img)
     ref = sitk.GetArrayFromImage(ref_img) > 0
     t0 = time.perf_counter()
-    prob = fpn.predict_probability(ct, fpn.load_model(model), batch_size=16)
+    spacing_yx = tuple(ct_img.GetSpacing()[::-1])[1:]
+    prob = fpn.predict_probability(ct, fpn.load_model(model), batch_size=16,
+                                   spacing_yx=spacing_yx)
     raw = prob >= fpn.THRESHOLD
     mask = fpn.postprocess_mask(raw)
     dt = time.perf_counter() - t0
@@ -104,9 +108,12 @@ def speed_child(size: int, threads: int, n_slices: int, batch_size: int) -> None
     model = fpn.build_fpn(size)
     rng = np.random.default_rng(0)
     ct = rng.normal(-500, 300, (n_slices, 256, 256)).astype(np.int16)   # a 256x256 CT
-    fpn.predict_probability(ct[:batch_size * 2], model, batch_size=batch_size, compiled=True)
+    spacing_yx = (1.4, 1.4)                        # 256 x 1.4 mm: about the default field
+    fpn.predict_probability(ct[:batch_size * 2], model, batch_size=batch_size, compiled=True,
+                            spacing_yx=spacing_yx)
     t0 = time.perf_counter()
-    fpn.predict_probability(ct, model, batch_size=batch_size, compiled=True)
+    fpn.predict_probability(ct, model, batch_size=batch_size, compiled=True,
+                            spacing_yx=spacing_yx)
     dt = time.perf_counter() - t0
     print(json.dumps({"size": size, "threads": threads, "slices": n_slices,
                       "slices_per_s": n_slices / dt}))
@@ -138,6 +145,11 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--slices-per-scan", type=int, default=24)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--fov-mm", type=float, default=None,
+                   help="in-plane field of view of the network input (default: covidct.fpn's "
+                        "DEFAULT_FOV_MM; 0 = whole slices)")
+    p.add_argument("--threads", type=int, default=2,
+                   help="TensorFlow CPU threads for training and the Dice (%(default)s; 0 = all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("/tmp/fpn_bench"))
     p.add_argument("--model", type=Path, default=None, help="use this model instead of training")
@@ -153,6 +165,11 @@ def main() -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+    from covidct import fpn
+
+    if args.fov_mm is None:
+        args.fov_mm = fpn.DEFAULT_FOV_MM
+    fpn.set_threads(args.threads)
     model = args.model or train(args)
     copdgene_dice(model)
     if not args.no_speed:

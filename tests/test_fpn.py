@@ -90,6 +90,48 @@ def test_normalize_floors_hu_and_zscores_each_slice():
     assert norm[1, -3, 5] == pytest.approx(-1.0, abs=1e-4)
 
 
+def test_field_of_view_crops_pads_about_the_centre_and_maps_back():
+    rng = np.random.default_rng(1)
+    stack = rng.normal(0, 1, (2, 64, 64)).astype(np.float32)
+    # 64 px of 4.17 mm (267 mm) in a 360 mm field: 86 px, padded by 11 each side (centred)
+    win = fpn.fov_window((64, 64), (4.17, 4.17), 360.0)
+    assert win == ((86, -11), (86, -11))
+    field = fpn.to_fov(stack, win, -5.0)
+    assert field.shape == (2, 86, 86)
+    np.testing.assert_array_equal(field[:, 11:75, 11:75], stack)
+    assert (field[:, :11] == -5.0).all() and (field[:, :, 75:] == -5.0).all()
+    np.testing.assert_array_equal(fpn.from_fov(field, win, (64, 64)), stack)
+    # 400 px of 1 mm in a 360 mm field: cropped to the central 360; mapped back with 0 outside
+    big = rng.normal(0, 1, (1, 400, 380)).astype(np.float32)
+    win = fpn.fov_window((400, 380), (1.0, 1.0), 360.0)
+    assert win == ((360, 20), (360, 10))
+    back = fpn.from_fov(fpn.to_fov(big, win, 0.0), win, (400, 380))
+    np.testing.assert_array_equal(back[:, 20:380, 10:370], big[:, 20:380, 10:370])
+    assert back[:, :20].sum() == 0 and back[:, :, 370:].sum() == 0
+    assert fpn.fov_window((64, 64), (4.0, 4.0), 0) is None
+    assert fpn.fov_window((64, 64), None, 360.0) is None
+
+
+def test_field_of_view_gives_the_network_a_fixed_scale():
+    """The same body (a 280 x 200 mm ellipse of soft tissue with a 60 mm air disc) on a coarse
+    full-field grid and a fine larger-field grid: after the fixed-field normalisation the two
+    network inputs nearly agree; resized whole slices (no field) do not."""
+    def slice_of(n, spacing):
+        c = (np.arange(n) - (n - 1) / 2) * spacing
+        y, x = np.meshgrid(c, c, indexing="ij")
+        ct = np.where((y / 100.0) ** 2 + (x / 140.0) ** 2 <= 1, 40.0, -1000.0)
+        ct[(y ** 2 + (x - 60.0) ** 2) <= 30.0 ** 2] = -850.0
+        return ct[None].astype(np.int16)
+
+    a, sa = slice_of(72, 4.0), (4.0, 4.0)           # 288 mm: the body nearly fills the view
+    b, sb = slice_of(160, 2.5), (2.5, 2.5)          # 400 mm
+    na = fpn.normalize_slices(a, 64, sa, 360.0)
+    nb = fpn.normalize_slices(b, 64, sb, 360.0)
+    assert np.abs(na - nb).mean() < 0.1
+    whole = np.abs(fpn.normalize_slices(a, 64) - fpn.normalize_slices(b, 64)).mean()
+    assert whole > 3 * np.abs(na - nb).mean()
+
+
 def test_neighbour_channels_repeat_edge_slices():
     idx = fpn.neighbour_index(5, [0, 2, 4])
     np.testing.assert_array_equal(idx, [[0, 0, 1], [1, 2, 3], [3, 4, 4]])
@@ -197,6 +239,8 @@ def test_training_reduces_loss_and_records_the_run(trained):
     assert (out / "model.keras").is_file()
     record = json.loads((out / "run.json").read_text())
     assert record["input_size"] == [SIZE, SIZE]
+    assert record["fov_mm"] == fpn.DEFAULT_FOV_MM
+    assert fpn.model_fov(fpn.load_model(out / "model.keras")) == fpn.DEFAULT_FOV_MM
     assert record["n_train"] == 2 and record["n_val"] == 1
     history = record["history"]
     assert [h["epoch"] for h in history] == [1, 2, 3, 4]

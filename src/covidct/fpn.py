@@ -61,6 +61,10 @@ AIR_HU = -1024.0
 DEFAULT_SIZE = 128            # CPU default; the paper uses 256
 PAPER_SIZE = 256
 THRESHOLD = 0.5
+# In-plane field of view (mm) every slice is cropped/padded to, about its centre, before the
+# resize to the network size: the network then sees a fixed physical scale (mm per network
+# pixel) whatever the scanner's pixel size and reconstruction field. 0 = the whole slice.
+DEFAULT_FOV_MM = 360.0
 ENCODER_NAME = "densenet121"
 # DenseNet121 layers giving the pyramid: strides 4, 8, 16, 32.
 ENCODER_LEVELS = ("conv2_block6_concat", "conv3_block12_concat", "conv4_block24_concat", "relu")
@@ -98,12 +102,65 @@ def resize_slices(stack: np.ndarray, out_hw: Sequence[int]) -> np.ndarray:
     return np.matmul(tmp, rx.T[None])               # (n, H, W)
 
 
-def normalize_slices(ct: np.ndarray, size: int) -> np.ndarray:
-    """HU floored at -1024, each slice z-scored, resized to (z, size, size) float32."""
+def fov_window(shape_hw: Sequence[int], spacing_yx: Sequence[float] | None,
+               fov_mm: float | None) -> tuple[tuple[int, int], tuple[int, int]] | None:
+    """Per in-plane axis ``(n, start)``: the ``fov_mm`` field as ``n`` pixels of the slice,
+    starting at pixel ``start`` (negative: the field reaches beyond the slice, padded), centred
+    on the slice. None when there is no field (``fov_mm`` 0/None or no spacing)."""
+    if not fov_mm or spacing_yx is None:
+        return None
+    window = []
+    for length, sp in zip(shape_hw, spacing_yx):
+        if not sp or float(sp) <= 0:
+            raise CovidctError(f"invalid pixel spacing {tuple(spacing_yx)}", step="segment")
+        n = max(1, int(round(float(fov_mm) / float(sp))))
+        window.append((n, (int(length) - n) // 2))
+    return window[0], window[1]
+
+
+def to_fov(stack: np.ndarray, window, fill: float) -> np.ndarray:
+    """Crop/pad (k, h, w) slices to the window of :func:`fov_window` (outside: ``fill``)."""
+    if window is None:
+        return stack
+    (ny, y0), (nx, x0) = window
+    k, h, w = stack.shape
+    if (ny, nx, y0, x0) == (h, w, 0, 0):
+        return stack
+    out = np.full((k, ny, nx), fill, dtype=stack.dtype)
+    sy0, sy1 = max(0, y0), min(h, y0 + ny)
+    sx0, sx1 = max(0, x0), min(w, x0 + nx)
+    if sy1 > sy0 and sx1 > sx0:
+        out[:, sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = stack[:, sy0:sy1, sx0:sx1]
+    return out
+
+
+def from_fov(stack: np.ndarray, window, shape_hw: Sequence[int], fill: float = 0.0
+             ) -> np.ndarray:
+    """The inverse of :func:`to_fov`: (k, ny, nx) field slices back onto the (k, h, w) grid
+    (pixels outside the field get ``fill``)."""
+    if window is None:
+        return stack
+    (ny, y0), (nx, x0) = window
+    h, w = int(shape_hw[0]), int(shape_hw[1])
+    out = np.full((stack.shape[0], h, w), fill, dtype=stack.dtype)
+    sy0, sy1 = max(0, y0), min(h, y0 + ny)
+    sx0, sx1 = max(0, x0), min(w, x0 + nx)
+    if sy1 > sy0 and sx1 > sx0:
+        out[:, sy0:sy1, sx0:sx1] = stack[:, sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0]
+    return out
+
+
+def normalize_slices(ct: np.ndarray, size: int, spacing_yx: Sequence[float] | None = None,
+                     fov_mm: float | None = None) -> np.ndarray:
+    """HU floored at -1024, cropped/padded (with air) to the ``fov_mm`` field about the slice
+    centre (when given with ``spacing_yx``), each slice z-scored, resized to (z, size, size)
+    float32."""
     out = np.empty((ct.shape[0], size, size), dtype=np.float32)
+    window = fov_window(np.shape(ct)[1:], spacing_yx, fov_mm)
     step = 32
     for z0 in range(0, ct.shape[0], step):
         s = np.maximum(np.asarray(ct[z0:z0 + step], dtype=np.float32), AIR_HU)
+        s = to_fov(s, window, AIR_HU)
         mean = s.mean(axis=(1, 2), keepdims=True)
         std = s.std(axis=(1, 2), keepdims=True)
         s = (s - mean) / np.maximum(std, 1.0)
@@ -242,6 +299,19 @@ def load_model(model_path: str | Path):
     return _MODELS[key]
 
 
+def model_name(fov_mm: float | None) -> str:
+    """The model's name; it records the field of view the network was trained with."""
+    return f"lung_fpn_fov{int(round(fov_mm))}mm" if fov_mm else "lung_fpn"
+
+
+def model_fov(model) -> float | None:
+    """The field of view (mm) a model was trained with (from its name), None = whole slices."""
+    import re
+
+    found = re.search(r"_fov(\d+)mm$", str(getattr(model, "name", "")))
+    return float(found.group(1)) if found else None
+
+
 def model_size(model) -> int:
     shape = model.inputs[0].shape
     if len(shape) != 4 or shape[1] != shape[2] or shape[3] != 3:
@@ -251,9 +321,14 @@ def model_size(model) -> int:
 
 # ============================================================================ inference
 def predict_probability(ct: np.ndarray, model, *, batch_size: int = 16,
-                        compiled: bool | None = None) -> np.ndarray:
+                        compiled: bool | None = None,
+                        spacing_yx: Sequence[float] | None = None,
+                        fov_mm: float | None = None) -> np.ndarray:
     """Lung probability (z, y, x) float32 at the CT's size, slice-wise in batches.
 
+    ``fov_mm``: the field of view each slice is cropped/padded to before the network (None =
+    the one the model was trained with, see :func:`model_fov`); it needs ``spacing_yx`` (mm);
+    the probability is mapped back onto the CT's grid (0 outside the field).
     ``compiled``: run the batches through Keras' compiled predict function (tracing DenseNet121
     costs seconds once, then each batch is fast) or call the model eagerly; None = compiled when
     the volume holds more than 8 batches.
@@ -262,8 +337,15 @@ def predict_probability(ct: np.ndarray, model, *, batch_size: int = 16,
     if ct.ndim != 3:
         raise CovidctError(f"expected a 3-D (z, y, x) CT, got shape {ct.shape}", step="segment")
     size = model_size(model)
-    norm = normalize_slices(ct, size)
+    if fov_mm is None:
+        fov_mm = model_fov(model)
+    if fov_mm and spacing_yx is None:
+        log.warning("fpn: no pixel spacing given: the slices are not brought to the model's "
+                    "%.0f mm field of view", fov_mm)
     n, h, w = ct.shape
+    window = fov_window((h, w), spacing_yx, fov_mm)
+    norm = normalize_slices(ct, size, spacing_yx, fov_mm)
+    out_hw = (h, w) if window is None else (window[0][0], window[1][0])
     prob = np.empty((n, h, w), dtype=np.float32)
     if compiled is None:
         compiled = n > 8 * batch_size
@@ -272,7 +354,7 @@ def predict_probability(ct: np.ndarray, model, *, batch_size: int = 16,
         x = stack_channels(norm, index)
         p = model.predict_on_batch(x) if compiled else model(x, training=False)
         p = np.asarray(p, dtype=np.float32)[..., 0]
-        prob[index] = resize_slices(p, (h, w))
+        prob[index] = from_fov(resize_slices(p, out_hw), window, (h, w))
     return prob
 
 
@@ -302,12 +384,15 @@ def predict_mask(ct_array_zyx: np.ndarray, spacing_zyx: Sequence[float], model_p
                  postprocess: bool = True, min_second_fraction: float = 0.05) -> np.ndarray:
     """Lung mask (uint8, same shape) of an int16 HU CT in canonical orientation.
 
-    ``spacing_zyx`` (mm) is used for the log line only: the network sees every slice resized to
-    its input size whatever the spacing (as in the paper).
+    ``spacing_zyx`` (mm): every slice is cropped/padded about its centre to the field of view
+    the model was trained with (``DEFAULT_FOV_MM``; recorded in the model's name) before it is
+    resized to the network's input, so the network sees the same mm per pixel as in training;
+    the probability is mapped back to the CT's grid.
     """
     t0 = time.perf_counter()
     model = load_model(model_path)
-    prob = predict_probability(ct_array_zyx, model, batch_size=batch_size)
+    prob = predict_probability(ct_array_zyx, model, batch_size=batch_size,
+                               spacing_yx=tuple(spacing_zyx)[1:])
     mask = prob >= threshold
     del prob
     mask = postprocess_mask(mask, min_second_fraction=min_second_fraction) if postprocess \
@@ -319,8 +404,9 @@ def predict_mask(ct_array_zyx: np.ndarray, spacing_zyx: Sequence[float], model_p
 
 
 # ============================================================================ training data
-def read_ct(path: str | Path) -> np.ndarray:
-    """A DICOM folder or image file as int16 HU in canonical LPS orientation (via ingest)."""
+def read_ct(path: str | Path) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """A DICOM folder or image file as int16 HU in canonical LPS orientation (via ingest),
+    with its spacing (z, y, x) mm."""
     import SimpleITK as sitk
 
     from covidct import ingest
@@ -329,7 +415,7 @@ def read_ct(path: str | Path) -> np.ndarray:
     scan = ingest.read_scan(path)
     image, _ = ingest.orient_lps(scan.image)
     array, _ = ingest.repair_hu(sitk.GetArrayViewFromImage(image), padding_values=scan.padding_hu)
-    return array
+    return array, tuple(float(v) for v in image.GetSpacing()[::-1])
 
 
 def read_mask(path: str | Path, shape: Sequence[int]) -> np.ndarray:
@@ -384,13 +470,22 @@ class Volume:
     mask: np.ndarray           # (z, size, size) uint8: lung mask resized (linear, >= 0.5)
     lung_slices: np.ndarray    # indices of slices holding lung
     other_slices: np.ndarray
+    fov_mm: float | None = None   # field of view of the slices (None: whole slices)
 
 
-def prepare_volume(name: str, ct: np.ndarray, mask: np.ndarray, size: int) -> Volume:
-    norm = normalize_slices(ct, size).astype(np.float16)
-    small = (resize_slices(mask.astype(np.float32), (size, size)) >= 0.5).astype(np.uint8)
+def prepare_volume(name: str, ct: np.ndarray, mask: np.ndarray, size: int,
+                   spacing_zyx: Sequence[float] | None = None,
+                   fov_mm: float | None = None) -> Volume:
+    """One scan at the network's resolution; with ``spacing_zyx`` and ``fov_mm`` its slices
+    (and mask) are first cropped/padded to the ``fov_mm`` field, as :func:`predict_mask` does."""
+    spacing_yx = None if spacing_zyx is None else tuple(spacing_zyx)[1:]
+    norm = normalize_slices(ct, size, spacing_yx, fov_mm).astype(np.float16)
+    window = fov_window(np.shape(mask)[1:], spacing_yx, fov_mm)
+    field = to_fov(np.asarray(mask, dtype=np.float32), window, 0.0)
+    small = (resize_slices(field, (size, size)) >= 0.5).astype(np.uint8)
     has_lung = np.asarray(mask).reshape(mask.shape[0], -1).any(axis=1)
-    return Volume(name, norm, small, np.flatnonzero(has_lung), np.flatnonzero(~has_lung))
+    return Volume(name, norm, small, np.flatnonzero(has_lung), np.flatnonzero(~has_lung),
+                  float(fov_mm) if window is not None else None)
 
 
 def sample_slices(volume: Volume, k: int, rng: np.random.Generator,
@@ -537,6 +632,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--slices-per-scan", type=int, default=24,
                    help="slices drawn per training scan and epoch, 80%% from the lung "
                         "(0 = all lung slices + 25%% more outside) (%(default)s)")
+    p.add_argument("--fov-mm", type=float, default=DEFAULT_FOV_MM,
+                   help="in-plane field of view (mm) each slice is cropped/padded to about its "
+                        "centre before the resize: a fixed mm per network pixel whatever the "
+                        "scanner (0 = whole slices) (%(default)s)")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (%(default)s)")
     p.add_argument("--imagenet-weights", type=Path, default=None,
                    help="local DenseNet121 include_top=False weights file (never downloaded); "
@@ -570,11 +669,15 @@ def train_segmenter(images: Sequence[Path], masks: Sequence[Path], out: Path, *,
                     augment_data: bool = True, seed: int = 0, run_eagerly: bool = False,
                     val_fraction: float = 0.2, tracking_uri: str = "sqlite:///results/mlflow.db",
                     experiment: str = "covidct", run_name: str = "lung_fpn",
-                    config: str | None = None, volumes: Sequence[Volume] | None = None) -> dict:
+                    config: str | None = None, volumes: Sequence[Volume] | None = None,
+                    fov_mm: float | None = DEFAULT_FOV_MM) -> dict:
     """Train the FPN; writes ``out``/model.keras then ``out``/run.json. Returns the record.
 
-    ``volumes`` (already prepared) replaces reading ``images``/``masks`` (used by tests and the
-    benchmark, which generate scans in memory).
+    ``fov_mm``: the in-plane field of view (mm) every slice is cropped/padded to before the
+    resize (0/None: whole slices); recorded in the model's name for :func:`predict_mask`.
+    ``volumes`` (already prepared, by :func:`prepare_volume`: their own field of view is used)
+    replaces reading ``images``/``masks`` (used by tests and the benchmark, which generate
+    scans in memory).
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     out = Path(out)
@@ -597,12 +700,17 @@ def train_segmenter(images: Sequence[Path], masks: Sequence[Path], out: Path, *,
         for image, mask_path in zip(images, masks):
             patient = patient_name(image)
             try:
-                ct = read_ct(image)
+                ct, spacing = read_ct(image)
                 mask = read_mask(mask_path, ct.shape)
             except CovidctError as err:
                 raise err.with_context(step=STEP, patient=patient, path=image)
-            volumes.append(prepare_volume(patient, ct, mask, size))
+            volumes.append(prepare_volume(patient, ct, mask, size, spacing, fov_mm))
     volumes = list(volumes)
+    fovs = {v.fov_mm for v in volumes}
+    if len(fovs) > 1:
+        raise CovidctError(f"training scans prepared with different fields of view {fovs}",
+                           step=STEP)
+    fov_mm = fovs.pop() if fovs else None
     log.info("read and prepared %d scans at %dx%d in %.1f s", len(volumes), size, size,
              time.perf_counter() - t0)
 
@@ -620,7 +728,8 @@ def train_segmenter(images: Sequence[Path], masks: Sequence[Path], out: Path, *,
     keras.utils.set_random_seed(int(seed))
     backend = keras.backend.backend()
     model = build_fpn(size, encoder_weights=imagenet_weights, pyramid_filters=pyramid_filters,
-                      segmentation_filters=segmentation_filters, bn_momentum=bn_momentum)
+                      segmentation_filters=segmentation_filters, bn_momentum=bn_momentum,
+                      name=model_name(fov_mm))
     # No XLA: compiling DenseNet121's training step with XLA on a CPU takes minutes.
     model.compile(optimizer=keras.optimizers.Adam(learning_rate=lr), loss=dice_bce_loss,
                   jit_compile=False, run_eagerly=run_eagerly)
@@ -629,7 +738,8 @@ def train_segmenter(images: Sequence[Path], masks: Sequence[Path], out: Path, *,
 
     params = {
         "epochs": epochs, "batch_size": batch_size, "size": size,
-        "slices_per_scan": slices_per_scan, "optimizer": "Adam", "lr": lr,
+        "slices_per_scan": slices_per_scan, "fov_mm": fov_mm or 0, "optimizer": "Adam",
+        "lr": lr,
         "loss": "bce+dice", "encoder": "DenseNet121",
         "encoder_weights": str(imagenet_weights) if imagenet_weights else "random",
         "pyramid_filters": pyramid_filters, "segmentation_filters": segmentation_filters,
@@ -690,6 +800,7 @@ def train_segmenter(images: Sequence[Path], masks: Sequence[Path], out: Path, *,
             "model_uri": f"runs:/{active.info.run_id}/model/model.keras",
             "model": str(model_path), "val_dice": val_dice, "selected_epoch": best["epoch"],
             "input_size": [size, size], "input_channels": ["slice-1", "slice", "slice+1"],
+            "fov_mm": fov_mm or 0,
             "threshold": THRESHOLD, "encoder": "DenseNet121",
             "encoder_weights": params["encoder_weights"], "n_train": len(train_v),
             "n_val": len(val_v), "backend": backend, "history": history,
@@ -712,5 +823,5 @@ def run(args: argparse.Namespace) -> int:
                     bn_momentum=args.bn_momentum, augment_data=args.augment,
                     run_eagerly=args.eager, seed=args.seed, val_fraction=args.val_fraction,
                     tracking_uri=args.tracking_uri, experiment=args.experiment,
-                    run_name=args.run_name, config=args.config)
+                    run_name=args.run_name, config=args.config, fov_mm=args.fov_mm)
     return 0
