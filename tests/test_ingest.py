@@ -338,3 +338,29 @@ def test_help_does_not_import_tensorflow(repo):
                          cwd=repo, timeout=60)
     assert res.stdout.strip().splitlines()[-1] == "False False"
     assert "--min-slices" in res.stdout and "--patient" in res.stdout
+
+
+def test_truncated_nifti_is_refused_not_zero_filled(real_data, tmp_path):
+    """SimpleITK zero-fills a cut NIfTI; ingest must notice, for gzip and plain files alike."""
+    import gzip
+
+    from covidct.cli import main
+
+    source = real_data / "covid_ct_md" / "P002_ct_bin4x4x1.nii.gz"
+    cut_gz = tmp_path / "cut.nii.gz"
+    cut_gz.write_bytes(source.read_bytes()[:5000])
+    raw = gzip.decompress(source.read_bytes())
+    cut_nii = tmp_path / "cut.nii"
+    cut_nii.write_bytes(raw[: len(raw) // 2])
+    for path, words in ((cut_gz, "truncated or corrupt gzip"),
+                        (cut_nii, f"truncated image file: {len(raw) // 2} of {len(raw)} bytes")):
+        out = tmp_path / f"{path.stem}.zarr"
+        import io
+        from contextlib import redirect_stderr
+
+        err = io.StringIO()
+        with redirect_stderr(err):
+            assert main(["ingest", str(path), str(out), "--patient", "PX1"]) == 2
+        assert words in err.getvalue() and "patient PX1" in err.getvalue()
+        assert path.name in err.getvalue()
+        assert not out.exists()

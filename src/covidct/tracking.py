@@ -36,7 +36,12 @@ def git_commit(repo: str | Path | None = None) -> str:
 
 
 def config_hash(config: Mapping[str, Any] | str | Path | None) -> str:
-    """A short, stable hash of a config (a mapping or a YAML/JSON file)."""
+    """A short, stable hash of a config (a mapping or a YAML/JSON file).
+
+    Without one, the file named by ``COVIDCT_CONFIG`` (set by the workflow for every rule) is used.
+    """
+    if config is None:
+        config = os.environ.get("COVIDCT_CONFIG") or None
     if config is None:
         return "none"
     if isinstance(config, (str, Path)):

@@ -16,7 +16,11 @@ validate(config, "../schemas/config.schema.yaml")
 # Rules call `covidct`. Appending the bin folder of the Python running Snakemake (e.g. .venv/bin)
 # finds it even when the user did not activate the environment; appended, not prepended, so that
 # a rule's conda environment (--use-conda) still comes first.
-shell.prefix(f"export PATH=\"$PATH:{Path(sys.executable).parent}\" TF_CPP_MIN_LOG_LEVEL=2; ")
+# COVIDCT_CONFIG names the config file whose hash tags the MLflow runs; it is no rule parameter,
+# so editing the config (e.g. adding a site) reruns only what the change touches.
+CONFIG_FILE = str(Path(workflow.configfiles[-1]).resolve()) if workflow.configfiles else ""
+shell.prefix(f"export PATH=\"$PATH:{Path(sys.executable).parent}\" TF_CPP_MIN_LOG_LEVEL=2"
+             f" COVIDCT_CONFIG={shlex.quote(CONFIG_FILE)}; ")
 
 SITES = config["sites"]
 SYNTHETIC = not config.get("samples")
@@ -27,9 +31,7 @@ EVALUATION = config["evaluation"]
 PROGNOSIS = config["prognosis"]
 EXPLAIN = config["explain"]
 SEGMENTATION = config["segmentation"]
-CONFIG_FILE = str(workflow.configfiles[-1]) if workflow.configfiles else ""
-TRACKING = (f"--tracking-uri {MLFLOW['tracking_uri']} --experiment {MLFLOW['experiment']}"
-            + (f" --config {CONFIG_FILE}" if CONFIG_FILE else ""))
+TRACKING = f"--tracking-uri {MLFLOW['tracking_uri']} --experiment {MLFLOW['experiment']}"
 
 
 def _load_samples():
