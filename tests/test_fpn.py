@@ -227,7 +227,7 @@ def trained(tmp_path_factory):
                "--out", str(tmp / "model"), "--size", str(SIZE), "--epochs", "4",
                "--batch-size", "6", "--slices-per-scan", "6", "--val-fraction", "0.34",
                "--lr", "0.003", "--bn-momentum", "0.5", "--no-augment", "--eager",
-               "--pyramid-filters", "64", "--segmentation-filters", "32",
+               "--pyramid-filters", "64", "--segmentation-filters", "32", "--fov-mm", "360",
                "--tracking-uri", uri, "--experiment", "fpn-test", "--threads", "1"])
     assert rc == 0
     return tmp, uri
@@ -239,8 +239,8 @@ def test_training_reduces_loss_and_records_the_run(trained):
     assert (out / "model.keras").is_file()
     record = json.loads((out / "run.json").read_text())
     assert record["input_size"] == [SIZE, SIZE]
-    assert record["fov_mm"] == fpn.DEFAULT_FOV_MM
-    assert fpn.model_fov(fpn.load_model(out / "model.keras")) == fpn.DEFAULT_FOV_MM
+    assert record["fov_mm"] == 360.0                 # --fov-mm, recorded in the model's name
+    assert fpn.model_fov(fpn.load_model(out / "model.keras")) == 360.0
     assert record["n_train"] == 2 and record["n_val"] == 1
     history = record["history"]
     assert [h["epoch"] for h in history] == [1, 2, 3, 4]
