@@ -132,7 +132,8 @@ def _dry_run_jobs(workdir: Path, config: Path) -> list[tuple[str, str]]:
     proc = _snakemake(workdir, "-n", "--configfile", str(config))
     text = proc.stdout + proc.stderr
     jobs = []
-    for block in re.split(r"\n(?=(?:local)?rule \w+:)", text):
+    # grouped jobs (the preprocess group) are listed indented under "Group job ..."
+    for block in re.split(r"\n(?=\s*(?:local)?rule \w+:)", text):
         m = re.match(r"(?:local)?rule (\w+):", block.strip())
         if not m:
             continue
