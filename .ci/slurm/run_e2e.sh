@@ -73,7 +73,8 @@ mapfile -t ids < <(grep -oE "submitted with SLURM jobid [0-9]+" snakemake.log | 
 [ "${#ids[@]}" -gt 0 ] || fail "no 'submitted with SLURM jobid' in the Snakemake log"
 grep -q "SLURM run ID" snakemake.log || fail "the SLURM executor did not run"
 
-field() { grep -oE "(^| )$1=[^ ]*" <<<"$info" | head -n1 | cut -d= -f2-; }
+# a missing field (e.g. TresPerJob of a CPU job) is empty, not an error under `set -e -o pipefail`
+field() { { grep -oE "(^| )$1=[^ ]*" <<<"$info" || true; } | head -n1 | cut -d= -f2-; }
 gpu_jobs=0; group_jobs=0; synth_jobs=0; declare -A seen=()
 printf '%-8s %-10s %-9s %-32s %s\n' JOBID STATE RUNTIME REQUEST COMMENT > slurm_jobs.txt
 for id in "${ids[@]}"; do
