@@ -64,8 +64,21 @@ def test_env_covers_the_extra_it_installs(repo):
 
 
 def test_every_rule_has_an_env_and_a_log(repo):
-    text = "\n".join(p.read_text() for p in (repo / "workflow" / "rules").glob("*.smk"))
-    rules = re.findall(r"^\s*rule (\w+):", text, flags=re.M)
-    assert len(rules) >= 10
-    for env in re.findall(r'"\.\./\.\./envs/(\w+)\.yaml"', text):
-        assert (repo / "envs" / f"{env}.yaml").exists()
+    """Each rule block names a log and (unless it is a `run:` rule) an existing conda env."""
+    rules = 0
+    for smk in sorted((repo / "workflow" / "rules").glob("*.smk")):
+        blocks = re.split(r"^\s*rule(?: \w+)?:\s*$", smk.read_text(), flags=re.M)[1:]
+        for block in blocks:
+            # a block ends where the next top-level statement starts
+            body = re.split(r"^\S", block, maxsplit=1, flags=re.M)[0]
+            rules += 1
+            name = re.search(r"name:\s*\n\s*(.+)", body)
+            label = f"{smk.name}: rule {name.group(1) if name else body.split(chr(10))[1].strip()}"
+            assert re.search(r"^\s+log:", body, flags=re.M), f"{label} has no log"
+            if re.search(r"^\s+run:", body, flags=re.M):
+                continue
+            envs = re.findall(r'"\.\./\.\./envs/(\w+)\.yaml"', body)
+            assert envs or "segment_env()" in body, f"{label} has no conda env"
+            for env in envs:
+                assert (repo / "envs" / f"{env}.yaml").exists(), f"{label}: envs/{env}.yaml missing"
+    assert rules >= 16
