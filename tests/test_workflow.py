@@ -142,14 +142,19 @@ def _dry_run_jobs(workdir: Path, config: Path) -> list[tuple[str, str]]:
     return jobs
 
 
+def _with_new_site(config: Path, site: str, role: str, n: int = 3) -> Path:
+    """A copy of ``config`` with one more synthetic site of ``n`` COVID-task patients."""
+    cfg = yaml.safe_load(config.read_text())
+    cfg["sites"][site] = {"role": role}
+    cfg["synthetic"]["sites"][site] = {"n": n, "task": "covid", "format": "nifti"}
+    new = config.parent / f"{config.stem}_{site}.yaml"
+    new.write_text(yaml.safe_dump(cfg))
+    return new
+
+
 def test_adding_a_diagnosis_site_reruns_only_that_site(repo, tiny_run):
     workdir, config, _ = tiny_run
-    cfg = yaml.safe_load(config.read_text())
-    cfg["sites"]["newsite"] = {"role": "diagnosis"}
-    cfg["synthetic"]["sites"]["newsite"] = {"n": 3, "task": "covid", "format": "nifti"}
-    new = workdir / "tiny_newsite.yaml"
-    new.write_text(yaml.safe_dump(cfg))
-    jobs = _dry_run_jobs(workdir, new)
+    jobs = _dry_run_jobs(workdir, _with_new_site(config, "newsite", "diagnosis"))
     rules = {r for r, _ in jobs}
     assert {"ingest", "segment", "roi", "evaluate_finetune_covid", "tables"} <= rules
     per_patient = [(r, w) for r, w in jobs if r in ("synth_nifti", "synth_dicom", "ingest", "segment", "roi")]
@@ -162,12 +167,7 @@ def test_adding_a_diagnosis_site_reruns_only_that_site(repo, tiny_run):
 
 def test_adding_a_training_site_retrains(repo, tiny_run):
     workdir, config, _ = tiny_run
-    cfg = yaml.safe_load(config.read_text())
-    cfg["sites"]["train2"] = {"role": "train"}
-    cfg["synthetic"]["sites"]["train2"] = {"n": 3, "task": "covid", "format": "nifti"}
-    new = workdir / "tiny_train2.yaml"
-    new.write_text(yaml.safe_dump(cfg))
-    rules = {r for r, _ in _dry_run_jobs(workdir, new)}
+    rules = {r for r, _ in _dry_run_jobs(workdir, _with_new_site(config, "train2", "train"))}
     assert {"finetune_covid", "train_random_init"} <= rules
     assert "pretrain_egfr" not in rules
 

@@ -182,13 +182,8 @@ def weights_digest(weights: Sequence[np.ndarray]) -> str:
     return h.hexdigest()[:16]
 
 
-def atomic_file(path: Path):
-    """A temporary sibling of ``path`` with the same suffixes, renamed into place on success."""
-    return atomic_path(path)
-
-
 def write_csv(df: pd.DataFrame, path: Path) -> None:
-    with atomic_file(path) as tmp:
+    with atomic_path(path) as tmp:
         df.to_csv(tmp, index=False)
 
 
@@ -403,7 +398,7 @@ def run(args: argparse.Namespace) -> int:
         val_auc = binary_auc(val_pred["y"], val_pred["probability"])
         write_csv(history, out / "history.csv")
         write_csv(val_pred, out / "val_predictions.csv")
-        with atomic_file(out / "model.keras") as tmp:
+        with atomic_path(out / "model.keras") as tmp:
             final.save(tmp)
         mlflow.log_metrics({"selected_epoch": epoch_end.best_epoch,
                             **({"selected_val_auc": val_auc} if not math.isnan(val_auc) else {})})
@@ -421,7 +416,7 @@ def run(args: argparse.Namespace) -> int:
             "selected_epoch": epoch_end.best_epoch, "init": params["init"],
             "init_digest": init_digest,
         }
-    with atomic_file(run_json) as tmp:
+    with atomic_path(run_json) as tmp:
         tmp.write_text(json.dumps(record, indent=2) + "\n")
     log.info("selected epoch %d (val_auc %s); model %s, MLflow run %s, %s version %s",
              epoch_end.best_epoch, record["val_auc"], out / "model.keras", record["run_id"],
