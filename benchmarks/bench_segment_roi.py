@@ -85,7 +85,7 @@ def child(work: Path) -> dict:
         work / "lung.zarr", mask, spacing=ct.spacing, origin=ct.origin, direction=ct.direction,
         attrs={"method": "threshold", "body_volume_ml": info["body_volume_ml"]}))
     res["lung_volume_ml"] = info["lung_volume_ml"]
-    del mask
+    mask = None  # free it before the ROI step (the lambda above has run)
     timed("roi", lambda: roi.make_roi(work / "ct.zarr", work / "lung.zarr", work / "roi.zarr",
                                       size=(48, 240, 360)))
     timed("roi_with_qc", lambda: roi.make_roi(work / "ct.zarr", work / "lung.zarr", work / "roi2.zarr",

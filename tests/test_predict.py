@@ -140,8 +140,12 @@ def test_nifti_cli_matches_the_workflow_stages(tmp_path, real_data, model_files)
 
     assert out["saliency"] == str(png)
     image = imread(png)
-    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 2 * image.shape[0]
+    # two rows of three slices: the ROI and the scan's voxels
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 1.5 * image.shape[0]
     assert "saliency" in out["timing_s"]
+    frac = out["saliency_in_lung"]
+    assert 0 < frac["roi"] < 1 and 0 < frac["ct"] <= 1
+    assert frac["ct"] > frac["roi"]        # the clamp pins most tissue outside the lung
 
 
 def test_dicom_roi_is_identical_to_the_roi_stage_and_no_identity_leaks(tmp_path, dicom_scan,

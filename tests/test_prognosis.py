@@ -178,6 +178,25 @@ def test_high_risk_means_longer_stay_and_cox_json_round_trips():
         assert group == ("high" if risk[i] > cox["cutoff"] else "low")
 
 
+def test_events_per_feature_caps_the_model_size():
+    """30 patients, 64 candidate features of which one carries the signal: AIC alone keeps
+    entering chance features; one feature per 10 discharges keeps the model small, and the
+    cap is recorded in cox.json."""
+    train = simulate_cohort(4, 30, n_features=64)
+    feats = [f"feature_{i}" for i in range(64)]
+    n_events = int(train["discharged"].sum())
+    free, _, _ = fit_prognosis_model(train, feats, selection="aic", max_features=10,
+                                     events_per_feature=0, min_events=4)
+    capped, _, _ = fit_prognosis_model(train, feats, selection="aic", max_features=10,
+                                       events_per_feature=10, min_events=4)
+    assert len(free["covariates"]) > n_events // 10
+    assert len(capped["covariates"]) == n_events // 10
+    assert capped["covariates"] == free["covariates"][:n_events // 10]   # the same first steps
+    assert capped["selection"]["max_features"] == n_events // 10
+    assert capped["selection"]["events_per_feature"] == 10.0
+    assert free["selection"]["max_features"] == 10
+
+
 def test_nothing_selected_falls_back_to_best_univariate():
     rng = np.random.default_rng(5)
     train = simulate_cohort(3, 80)

@@ -200,6 +200,14 @@ def test_stage_matches_the_pure_pipeline(tmp_path):
     assert roi.attrs["roi_spacing_mm"] == pytest.approx([2.0 * 29 / 7, 0.8 * 99 / 31, 0.8 * 149 / 47])
     # its origin is the physical position of the box corner
     assert roi.origin == pytest.approx((-150.0 + 25 * 0.8, -120.0 + 30 * 0.8, -400.0 + 5 * 2.0))
+    # the lung on the ROI grid is stored as the OME-Zarr label "lung": the two box lungs, with
+    # the 10-voxel gap between them (x 95-105 of the 150-voxel box) as non-lung columns
+    lung = zarrio.read_label(out, "lung")
+    assert lung.shape == (8, 32, 48) and lung.dtype == np.uint8 and set(np.unique(lung)) == {0, 1}
+    # (nearest: ROI column j samples box column floor((j + 0.5) * 150 / 48); 22 -> 70, 25 -> 79)
+    columns = np.flatnonzero(lung[4, 16] == 0)
+    assert columns.tolist() == [22, 23, 24, 25]
+    assert lung[:, :, :22].all() and lung[:, :, 26:].all()
 
 
 def test_failed_segmentation_is_an_error_unless_fallback(tmp_path):
@@ -216,6 +224,7 @@ def test_failed_segmentation_is_an_error_unless_fallback(tmp_path):
     assert attrs["fallback"] is True and attrs["reason"] == "empty lung mask"
     assert attrs["bbox"] == [0, 40, 10, 150, 10, 190]          # the body's box
     assert attrs["clamp_hu"] is None
+    assert zarrio.read_label(out, "lung") is None             # no lung to store
     roi = zarrio.open_image(out).read().astype(np.float32)
     assert roi.shape == (8, 32, 48) and abs(roi.mean()) < 0.1
 

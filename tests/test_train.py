@@ -21,6 +21,7 @@ import pandas as pd
 import pytest
 
 from covidct.cli import main
+from covidct.errors import CovidctError
 from covidct.zarrio import write_image
 
 SHAPE = (16, 32, 48)
@@ -283,3 +284,59 @@ def test_dataset_cache(indexed):
     ds.read(1), ds.read(2)                                     # evicts 0 (least recent)
     assert ds.read(0) is not first and np.array_equal(ds.read(0), first)
     assert RoiDataset(indexed, batch_size=2).read(0) is not RoiDataset(indexed).read(0)
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory):
+    """3 stores with a lung label: the box [:, 4:12, 6:14] is lung (value 10 + i), the rest is
+    non-lung tissue (value i)."""
+    root = tmp_path_factory.mktemp("labelled")
+    paths = []
+    for i in range(3):
+        v = np.full((4, 16, 20), i, np.float32)
+        lung = np.zeros(v.shape, np.uint8)
+        lung[:, 4:12, 6:14] = 1
+        v[lung == 1] += 10.0
+        paths.append(root / f"L{i}" / "roi.zarr")
+        write_image(paths[-1], v.astype(np.float16), spacing=(1, 1, 1), labels={"lung": lung})
+    return paths
+
+
+def test_dataset_non_lung_randomisation(labelled, indexed):
+    from covidct.dataset import Augment, RoiDataset, randomise_non_lung
+
+    zero = dict(rotation_deg=0.0, scale=0.0, shift=0.0)
+    plain = RoiDataset(labelled, batch_size=3)[0][0][..., 0]
+    ds = RoiDataset(labelled, batch_size=3, augment=Augment(**zero, non_lung=1.0), seed=3)
+    a = ds[0][0][..., 0]
+    inside = np.zeros(a.shape[1:], bool)
+    inside[:, 4:12, 6:14] = True
+    assert np.allclose(a[:, inside], plain[:, inside], atol=1e-4)        # the lung untouched
+    assert not np.allclose(a[:, ~inside], plain[:, ~inside], atol=0.5)   # the rest replaced
+    for k in range(3):   # one random level per volume, inside the volume's range
+        level = np.median(a[k][~inside])
+        assert plain[k].min() - 2.0 <= level <= plain[k].max() + 2.0
+    assert np.array_equal(ds[0][0], RoiDataset(labelled, batch_size=3, seed=3,
+                                               augment=Augment(**zero, non_lung=1.0))[0][0])
+    off = RoiDataset(labelled, batch_size=3, augment=Augment(**zero, non_lung=0.0))[0][0]
+    assert np.allclose(off[..., 0], plain, atol=1e-4)
+    # a store without the label: the error names the patient and the store
+    with pytest.raises(CovidctError, match=r"patient P0.*no lung label"):
+        RoiDataset(indexed[:1], augment=Augment(**zero, non_lung=1.0))[0]
+    with pytest.raises(ValueError, match="differ in shape"):
+        randomise_non_lung(np.zeros((2, 3, 4)), np.zeros((2, 3, 5)), np.random.default_rng(0))
+
+
+def test_dataset_blur_and_noise(labelled):
+    from covidct.dataset import Augment, blur_and_noise
+
+    v = np.zeros((3, 21, 21), np.float32)
+    v[:, 10, 10] = 1.0
+    rng = np.random.default_rng(0)
+    blurred = blur_and_noise(v, rng, blur=2.0, noise=0.0)
+    assert np.allclose(blurred.sum(axis=(1, 2)), 1.0, atol=1e-4)          # mass kept in-plane
+    assert blurred[1, 10, 10] < 1.0 and blurred[1, 10, 11] > 0            # ... and spread
+    assert np.array_equal(blurred[0], blurred[2])                         # z not mixed
+    noisy = blur_and_noise(np.zeros((8, 64, 64), np.float32), np.random.default_rng(1), 0.0, 0.4)
+    assert 0.0 < noisy.std() <= 0.4 and abs(noisy.mean()) < 0.01
+    assert Augment().noise == Augment().blur == Augment().non_lung == 0.0  # off by default

@@ -98,6 +98,17 @@ def test_tiny_workflow_runs_end_to_end(tiny_run):
     assert (results / "mlflow.db").stat().st_size > 0
     qc = pd.read_csv(results / "tables" / "qc_summary.tsv", sep="\t")
     assert len(qc) == n
+    # every ROI carries its lung label; the explanation measures the saliency on the ROI and on
+    # the scan's voxels, and the latter (the clamp pins most non-lung tissue) sits mostly in
+    # the lung
+    from covidct.zarrio import read_label
+
+    for roi in rois:
+        lung = read_label(roi, "lung")
+        assert lung is not None and 0.1 < lung.mean() < 0.9
+    sal = pd.read_csv(results / "explain" / "saliency_in_lung.csv")
+    assert len(sal) and sal[["fraction", "fraction_ct"]].stack().between(0, 1).all()
+    assert (sal["fraction_ct"] > sal["lung_volume_fraction_ct"]).mean() >= 0.5
 
 
 def test_no_identifying_dicom_field_reaches_results_or_logs(tiny_run):

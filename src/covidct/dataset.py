@@ -8,7 +8,11 @@ threads finish in:
 
 * shuffling: a new permutation of the patients at every epoch (``shuffle=True``);
 * augmentation: one random in-plane rotation / scale / shift per volume, applied identically to
-  every slice (the authors' slice-wise affine), see :func:`slicewise_affine`;
+  every slice (the authors' slice-wise affine), see :func:`slicewise_affine`; optionally
+  (a) the voxels outside the lung replaced by a random level plus noise
+  (:func:`randomise_non_lung`, using the ``lung`` label the roi stage stores in roi.zarr), so
+  the network cannot use the suppressed non-lung tissue as evidence, and (b) scanner-like
+  in-plane blur and noise (:func:`blur_and_noise`), so features transfer between scanners;
 * sample weights: from a class-weight dict ({0: 5.0, 1: 1.0} = cost x5 for non-COVID).
 
 Batches are float32 (B, D, H, W, 1); with labels, ``(x, y)`` or ``(x, y, w)``.
@@ -39,6 +43,9 @@ class Augment:
     scale: float = 0.1              # isotropic in-plane zoom in [1 - s, 1 + s]
     shift: float = 0.05             # in-plane shift in [-s, s] x the slice size (y and x)
     order: int = 1                  # spline order of the resampling (1 = linear)
+    non_lung: float = 0.0           # probability of randomising the voxels outside the lung
+    noise: float = 0.0              # additive Gaussian noise, sd drawn in [0, noise] (z units)
+    blur: float = 0.0               # in-plane Gaussian blur, sigma drawn in [0, blur] voxels
 
 
 def patient_of(roi_path: str | Path) -> str:
@@ -76,6 +83,36 @@ def slicewise_affine(volume: np.ndarray, rng: np.random.Generator,
     offset = centre - matrix @ (centre + np.array([0.0, shift[0], shift[1]]))
     return ndimage.affine_transform(volume, matrix, offset=offset, order=augment.order,
                                     mode="nearest", output=np.float32)
+
+
+def randomise_non_lung(volume: np.ndarray, lung: np.ndarray,
+                       rng: np.random.Generator) -> np.ndarray:
+    """``volume`` with every voxel outside ``lung`` (nonzero = lung) set to one random level
+    (uniform over the volume's range) plus Gaussian noise of a random sd in [0, 0.5]."""
+    outside = np.asarray(lung) == 0
+    if outside.shape != volume.shape:
+        raise ValueError(f"lung label {outside.shape} and ROI {volume.shape} differ in shape")
+    out = np.array(volume, dtype=np.float32, copy=True)
+    n = int(outside.sum())
+    if n == 0:
+        return out
+    level = rng.uniform(float(volume.min()), float(volume.max()))
+    sd = rng.uniform(0.0, 0.5)
+    out[outside] = level + sd * rng.standard_normal(n, dtype=np.float32)
+    return out
+
+
+def blur_and_noise(volume: np.ndarray, rng: np.random.Generator, blur: float,
+                   noise: float) -> np.ndarray:
+    """In-plane Gaussian blur (sigma in [0, blur] voxels) then additive Gaussian noise (sd in
+    [0, noise]), as scanners' reconstruction kernels and doses differ."""
+    out = np.asarray(volume, dtype=np.float32)
+    if blur > 0:
+        sigma = rng.uniform(0.0, blur)
+        out = ndimage.gaussian_filter(out, sigma=(0.0, sigma, sigma), mode="nearest")
+    if noise > 0:
+        out = out + rng.uniform(0.0, noise) * rng.standard_normal(out.shape, dtype=np.float32)
+    return out
 
 
 class RoiDataset(keras.utils.PyDataset):
@@ -171,13 +208,34 @@ class RoiDataset(keras.utils.PyDataset):
                     self._cache.popitem(last=False)
         return volume
 
+    def lung(self, i: int) -> np.ndarray:
+        """Patient ``i``'s lung label on the ROI grid (uint8), from its roi.zarr."""
+        from covidct.zarrio import read_label
+
+        path = self.paths[i]
+        try:
+            lung = read_label(path, "lung")
+        except Exception as err:  # noqa: BLE001 - name the patient and the store
+            raise CovidctError(f"cannot read the ROI's lung label ({err})", patient=patient_of(path),
+                               path=path) from err
+        if lung is None:
+            raise CovidctError("the ROI store has no lung label (labels/lung), which non-lung "
+                               "augmentation needs: re-run the roi stage, or set "
+                               "training.augment_non_lung: 0", patient=patient_of(path), path=path)
+        return lung
+
     def sample(self, i: int, epoch: int | None = None) -> np.ndarray:
         """Patient ``i``'s volume as the network sees it in ``epoch`` (augmented if configured)."""
         volume = self.read(i)
-        if self.augment is not None:
+        aug = self.augment
+        if aug is not None:
             rng = np.random.default_rng([self.seed, self.epoch if epoch is None else epoch, i,
                                          0xA06])
-            volume = slicewise_affine(volume, rng, self.augment)
+            if aug.non_lung > 0 and rng.random() < aug.non_lung:
+                volume = randomise_non_lung(volume, self.lung(i), rng)
+            volume = slicewise_affine(volume, rng, aug)
+            if aug.blur > 0 or aug.noise > 0:
+                volume = blur_and_noise(volume, rng, aug.blur, aug.noise)
         return volume
 
     def __getitem__(self, index: int):

@@ -10,8 +10,17 @@ Paper, supplementary methods S6-S7:
   at the 25th, 50th and 75th percentiles of the saliency mass along z.
 * **Saliency inside the lung**: ``sum |grad| inside the lung mask / sum |grad|``. The mask is
   ``lung.zarr`` (uint8, on the ``ct.zarr`` grid) cropped to the ROI's bounding box and resized
-  (nearest neighbour) to the ROI size. The ``lung_volume_fraction`` column (share of ROI voxels
-  inside the lung) is the value a saliency spread evenly over the ROI would get.
+  (nearest neighbour) to the ROI size: the ``lung`` label the roi stage stores in roi.zarr
+  (for stores without it, computed from ``lung.zarr`` and the box). The
+  ``lung_volume_fraction`` column (share of ROI voxels inside the lung) is the value a
+  saliency spread evenly over the ROI would get.
+* **Saliency on the scan** (:func:`saliency_on_ct`): the same gradient taken back through the
+  roi stage to the CT voxels of the ROI's box (``d p / d HU``): the adjoint of the resize, the
+  z-score, and zero where the clip or the non-lung clamp binds (there the ROI does not change
+  with the scan). ``fraction_ct`` is its share inside ``lung.zarr`` over the box,
+  ``lung_volume_fraction_ct`` the lung's share of the box. The network-input gradient above
+  also counts tissue that the suppression pins to a limit; this one is how much the prediction
+  responds to each voxel of the scan. The figures show both (ROI row, CT row).
 * **Filter patterns** (Figure 5a-d): activation maximisation from white noise: gradient ascent on
   the mean activation of one filter of a layer (normalised-gradient steps), a 3x3 grid of the
   mid axial slices of nine filters per layer. All nine filters are optimised in one batch.
@@ -29,8 +38,10 @@ or top-level keys ``z0, z1, y0, y1, x0, x1``. A flag ``bbox_inclusive: true`` (o
 Outputs (under ``--out-dir``, default results/explain)::
 
     saliency/{site}_{patient}.png      overlays for the sampled COVID-19 patients
-    saliency_in_lung.csv               site, patient, fraction, lung_volume_fraction
-    saliency_in_lung_by_site.csv       site, n, mean_fraction, mean_lung_volume_fraction
+    saliency_in_lung.csv               site, patient, fraction, lung_volume_fraction,
+                                       fraction_ct, lung_volume_fraction_ct
+    saliency_in_lung_by_site.csv       site, n, mean_fraction, mean_lung_volume_fraction,
+                                       mean_fraction_ct, mean_lung_volume_fraction_ct
     filters_{layer}.png, filters.csv   filter patterns; activation before/after per filter
     feature_pca.png, feature_pca.csv   the PCA figure and coordinates
 """
@@ -168,22 +179,13 @@ def _finish_box(box, inclusive: bool) -> tuple[int, ...]:
     return z0, z1, y0, y1, x0, x1
 
 
-def resize_nearest(array: np.ndarray, shape: Sequence[int]) -> np.ndarray:
-    """Nearest-neighbour resize of a 3-D array (voxel centres mapped onto voxel centres)."""
-    idx = [np.minimum(((np.arange(n) + 0.5) * (s / n)).astype(int), s - 1)
-           for n, s in zip(shape, array.shape)]
-    return array[np.ix_(*idx)]
-
-
 def lung_mask_in_roi(lung_mask: np.ndarray, bbox: Sequence[int],
                      roi_shape: Sequence[int]) -> np.ndarray:
-    """The lung mask cropped to ``bbox`` (z0, z1, y0, y1, x0, x1) and resized to ``roi_shape``."""
-    z0, z1, y0, y1, x0, x1 = bbox
-    shape = lung_mask.shape
-    if z0 < 0 or y0 < 0 or x0 < 0 or z1 > shape[0] or y1 > shape[1] or x1 > shape[2]:
-        raise ValueError(f"bounding box {tuple(bbox)} lies outside the lung mask {shape}")
-    crop = np.asarray(lung_mask[z0:z1, y0:y1, x0:x1]) > 0
-    return resize_nearest(crop, roi_shape)
+    """The lung mask cropped to ``bbox`` (z0, z1, y0, y1, x0, x1) and resized to ``roi_shape``
+    (bool); the same grid as the ``lung`` label that the roi stage stores in roi.zarr."""
+    from covidct.roi import lung_in_roi
+
+    return lung_in_roi(lung_mask, bbox, roi_shape).astype(bool)
 
 
 def saliency_fraction_in_lung(saliency_map: np.ndarray, lung_mask_roi: np.ndarray) -> float:
@@ -194,6 +196,65 @@ def saliency_fraction_in_lung(saliency_map: np.ndarray, lung_mask_roi: np.ndarra
     total = float(mass.sum())
     return float("nan") if total == 0 else float(mass[np.asarray(lung_mask_roi, bool)].sum()
                                                   / total)
+
+
+def resize_matrix(n: int, m: int) -> np.ndarray:
+    """The (m, n) matrix of the roi stage's cubic resize along one axis (n -> m samples).
+
+    :func:`covidct.roi.resize_cubic` is separable and linear, so the resize of a box is these
+    matrices applied along z, y and x, and its adjoint their transposes."""
+    from covidct.roi import _resize_axis
+
+    return np.asarray(_resize_axis(np.eye(n, dtype=np.float32), int(m), 0), dtype=np.float32)
+
+
+def saliency_on_ct(grad_roi: np.ndarray, ct_box: np.ndarray, lung_box: np.ndarray,
+                   attrs: Mapping[str, Any]) -> np.ndarray:
+    """``|d p / d HU|`` on the CT voxels of the ROI's box: the ROI gradient taken back through
+    the roi stage (resize, z-score, clip and clamp).
+
+    ``grad_roi`` is :func:`saliency` of the ROI; ``ct_box``/``lung_box`` the CT (HU) and lung
+    mask cropped to the ROI's ``bbox``; ``attrs`` the ROI store's attributes (percentile, n_std,
+    z-score). Where the clip or the non-lung clamp binds, the ROI does not change with the CT
+    voxel and the derivative is 0: this is how much the prediction responds to each voxel of
+    the scan, while :func:`saliency` also counts tissue that the suppression pins to a limit.
+    The clamp limits follow the lung's mean and sd, so a lung voxel also acts through every
+    voxel pinned to a limit (included); the clip level, the box's 95th percentile, is held
+    fixed (it moves with one or two order statistics only).
+    """
+    from covidct.roi import suppress_non_lung
+
+    box = np.asarray(ct_box, dtype=np.float32)
+    lung = np.asarray(lung_box) != 0
+    if box.shape != lung.shape:
+        raise ValueError(f"CT box {box.shape} and lung box {lung.shape} differ")
+    h = np.asarray(grad_roi, dtype=np.float32)
+    for axis, n in enumerate(box.shape):            # adjoint of the separable resize
+        h = np.moveaxis(np.tensordot(resize_matrix(n, h.shape[axis]).T, np.moveaxis(h, axis, 0),
+                                     axes=1), 0, axis)
+    suppressed, limits = suppress_non_lung(box, lung, float(attrs.get("percentile", 95)),
+                                           float(attrs.get("n_std", 4)))
+    mean, sd = float(attrs["zscore_mean"]), float(attrs["zscore_sd"])
+    z = (suppressed - np.float32(mean)) / np.float32(sd)
+    # z-scoring over the box: d z_i / d s_k = (delta_ik - 1/N - z_i z_k / N) / sd
+    grad_s = (h - np.float32(h.mean()) - z * np.float32((h * z).mean())) / np.float32(sd)
+    clipped = box >= np.float32(limits["clip_hu"])
+    free = ~clipped
+    if limits["clamp_hu"] is not None:
+        lo, hi = (np.float32(v) for v in limits["clamp_hu"])
+        level = np.minimum(box, np.float32(limits["clip_hu"]))       # the value the clamp sees
+        at_lo, at_hi = ~lung & (level <= lo), ~lung & (level >= hi)
+        free &= lung | ((box > lo) & (box < hi))
+        # the clamp limits are the lung's mean +/- n sd: each lung voxel below the clip moves
+        # them, and with them every voxel pinned to a limit
+        n_std = float(limits["n_std"])
+        mu, sigma = float(limits["lung_mean_hu"]), float(limits["lung_std_hu"]) or 1.0
+        n_lung = int(lung.sum())
+        z_lung = (box - np.float32(mu)) / np.float32(sigma)
+        a_hi, a_lo = float(grad_s[at_hi].sum()), float(grad_s[at_lo].sum())
+        via_limits = (a_hi * (1.0 + n_std * z_lung) + a_lo * (1.0 - n_std * z_lung)) / n_lung
+        grad_s = np.where(lung & ~clipped, grad_s + via_limits.astype(np.float32), grad_s)
+    return np.abs(grad_s) * free
 
 
 # --------------------------------------------------------------------------- figures
@@ -225,26 +286,50 @@ def saliency_slices(saliency_map: np.ndarray, n: int = 3) -> list[int]:
     return [int(np.searchsorted(cum, q)) for q in qs]
 
 
+def _overlay(ax, image, heat, top, mask, title, **imshow):
+    ax.imshow(image, cmap="gray", **imshow)
+    h = np.clip(heat / top, 0, 1)
+    ax.imshow(np.ma.masked_less(h, 0.15), cmap="jet", alpha=0.5, vmin=0, vmax=1)
+    if mask is not None and mask.any():
+        ax.contour(mask.astype(float), levels=[0.5], colors="lime", linewidths=0.6)
+    ax.set_title(title)
+    ax.axis("off")
+
+
 def plot_saliency(path: Path, roi: np.ndarray, saliency_map: np.ndarray, title: str,
-                  sigma: float = 1.0, lung_mask_roi: np.ndarray | None = None) -> None:
-    """|gradient| (smoothed) over the ROI in grey on three axial slices."""
+                  sigma: float = 1.0, lung_mask_roi: np.ndarray | None = None,
+                  ct_box: np.ndarray | None = None, ct_saliency: np.ndarray | None = None,
+                  lung_box: np.ndarray | None = None) -> None:
+    """|gradient| (smoothed) over the ROI in grey on three axial slices; with ``ct_box`` and
+    ``ct_saliency`` (:func:`saliency_on_ct`) a second row shows the matching CT slices
+    (lung window) with the saliency on the scan's voxels."""
     from scipy.ndimage import gaussian_filter
 
     plt = _pyplot()
-    heat = gaussian_filter(np.abs(saliency_map).astype(np.float32), sigma) if sigma > 0 \
-        else np.abs(saliency_map)
+
+    def smooth(a, sig):
+        a = np.abs(a).astype(np.float32)
+        return gaussian_filter(a, sig) if np.any(np.asarray(sig) > 0) else a
+
+    heat = smooth(saliency_map, sigma)
     top = float(np.percentile(heat, 99.5)) or 1.0
     slices = saliency_slices(saliency_map)
-    fig, axes = plt.subplots(1, len(slices), figsize=(4 * len(slices), 3.6))
-    for ax, z in zip(np.atleast_1d(axes), slices):
-        ax.imshow(roi[z], cmap="gray")
-        h = np.clip(heat[z] / top, 0, 1)
-        ax.imshow(np.ma.masked_less(h, 0.15), cmap="jet", alpha=0.5, vmin=0, vmax=1)
-        if lung_mask_roi is not None and lung_mask_roi[z].any():
-            ax.contour(lung_mask_roi[z].astype(float), levels=[0.5], colors="lime",
-                       linewidths=0.6)
-        ax.set_title(f"slice {z}")
-        ax.axis("off")
+    rows = 2 if ct_box is not None and ct_saliency is not None else 1
+    fig, axes = plt.subplots(rows, len(slices), figsize=(4 * len(slices), 3.6 * rows),
+                             squeeze=False)
+    for ax, z in zip(axes[0], slices):
+        _overlay(ax, roi[z], heat[z], top, None if lung_mask_roi is None else lung_mask_roi[z],
+                 f"ROI slice {z}: d p / d ROI")
+    if rows == 2:
+        # the same smoothing in millimetres: sigma ROI voxels -> box voxels along each axis
+        scale = np.array(ct_box.shape, float) / np.array(roi.shape, float)
+        ct_heat = smooth(ct_saliency, sigma * scale)
+        ct_top = float(np.percentile(ct_heat, 99.5)) or 1.0
+        for ax, z in zip(axes[1], slices):
+            zb = int(round(z * (ct_box.shape[0] - 1) / max(roi.shape[0] - 1, 1)))
+            _overlay(ax, ct_box[zb], ct_heat[zb], ct_top,
+                     None if lung_box is None else lung_box[zb], f"CT slice {zb}: d p / d HU",
+                     vmin=-1200, vmax=200)
     fig.suptitle(title)
     fig.tight_layout()
     _save(fig, path)
@@ -404,6 +489,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lungs", nargs="*", default=None, type=Path, metavar="LUNG.zarr",
                         help="lung masks in the order of --rois (default: lung.zarr beside "
                              "each roi.zarr)")
+    parser.add_argument("--cts", nargs="*", default=None, type=Path, metavar="CT.zarr",
+                        help="CT stores in the order of --rois, for the saliency on the scan's "
+                             "voxels (default: ct.zarr beside each roi.zarr; none there = skipped)")
     parser.add_argument("--patients-dir", type=Path, default=Path("results/patients"),
                         help="where {site}/{patient}/roi.zarr live when --rois is not given")
     parser.add_argument("--out-dir", type=Path, default=Path("results/explain"))
@@ -474,7 +562,7 @@ def run(args: argparse.Namespace) -> int:
     import keras
 
     from covidct.tracking import DEFAULT_TRACKING_URI
-    from covidct.zarrio import atomic_path
+    from covidct.zarrio import atomic_path, read_label
 
     out = Path(args.out_dir)
     preds = _read_predictions(args.predictions)
@@ -490,15 +578,21 @@ def run(args: argparse.Namespace) -> int:
         if args.lungs and len(args.lungs) != len(args.rois):
             raise CovidctError(f"--lungs gives {len(args.lungs)} stores for {len(args.rois)} "
                                f"--rois")
+        if args.cts and len(args.cts) != len(args.rois):
+            raise CovidctError(f"--cts gives {len(args.cts)} stores for {len(args.rois)} --rois")
         lungs = args.lungs or [Path(r).parent / "lung.zarr" for r in args.rois]
         stores = {Path(r).absolute().parent.name: (Path(r), Path(l))
                   for r, l in zip(args.rois, lungs)}
+        cts = {Path(r).absolute().parent.name: Path(c)
+               for r, c in zip(args.rois, args.cts or [Path(r).parent / "ct.zarr"
+                                                        for r in args.rois])}
     else:
         stores = {}
         for patient, site in site_of.items():
             roi = Path(args.patients_dir) / site / patient / "roi.zarr"
             if roi.exists():
                 stores[patient] = (roi, roi.parent / "lung.zarr")
+        cts = {patient: roi.parent / "ct.zarr" for patient, (roi, _) in stores.items()}
     sample = sample_patients(preds, set(stores), args.n_per_site, args.seed)
     covid = preds[preds["y"].astype(int) == 1]
     if args.fraction_for == "all":
@@ -516,8 +610,10 @@ def run(args: argparse.Namespace) -> int:
             roi_img = _read_store(roi_path, patient, "ROI")
             roi = roi_img.read().astype(np.float32)
             grad = saliency(model, roi)
-            mask = None
-            if lung_path.exists() or args.lungs:
+            mask = None if args.lungs else read_label(roi_path, "lung")
+            if mask is not None:
+                mask = mask.astype(bool)
+            elif lung_path.exists() or args.lungs:     # stores written before the lung label
                 lung = _read_store(lung_path, patient, "lung mask")
                 try:
                     bbox = roi_bbox(roi_img.attrs)
@@ -525,24 +621,48 @@ def run(args: argparse.Namespace) -> int:
                 except (KeyError, ValueError) as err:
                     raise CovidctError(f"cannot place the lung mask in the ROI: {err}",
                                        patient=patient, path=roi_path) from err
+            row = {"site": site, "patient": patient}
+            if mask is not None:
                 frac = saliency_fraction_in_lung(grad, mask)
-                rows.append({"site": site, "patient": patient, "fraction": frac,
-                             "lung_volume_fraction": float(mask.mean())})
-                log.info("saliency %s %d/%d: %s, %.1f%% of |gradient| inside the lung (lung is "
-                         "%.1f%% of the ROI)", site, i, len(patients), patient, 100 * frac,
+                row.update(fraction=frac, lung_volume_fraction=float(mask.mean()))
+                log.info("saliency %s %d/%d: %s, %.1f%% of |d p / d ROI| inside the lung (lung "
+                         "is %.1f%% of the ROI)", site, i, len(patients), patient, 100 * frac,
                          100 * mask.mean())
             else:
                 log.warning("no lung mask for patient %s (%s): no in-lung fraction", patient,
                             lung_path)
+            ct_box = lung_box = ct_grad = None
+            ct_path = cts.get(patient)
+            if ct_path is not None and ct_path.exists() and lung_path.exists() \
+                    and not roi_img.attrs.get("fallback"):
+                try:
+                    z0, z1, y0, y1, x0, x1 = roi_bbox(roi_img.attrs)
+                    ct_box = np.asarray(_read_store(ct_path, patient, "CT").array[z0:z1, y0:y1, x0:x1])
+                    lung_box = np.asarray(_read_store(lung_path, patient, "lung mask")
+                                          .array[z0:z1, y0:y1, x0:x1]) != 0
+                    ct_grad = saliency_on_ct(grad, ct_box, lung_box, roi_img.attrs)
+                except (KeyError, ValueError) as err:
+                    raise CovidctError(f"cannot take the saliency back to the CT: {err}",
+                                       patient=patient, path=roi_path) from err
+                frac_ct = saliency_fraction_in_lung(ct_grad, lung_box)
+                row.update(fraction_ct=frac_ct, lung_volume_fraction_ct=float(lung_box.mean()))
+                log.info("saliency %s %s: %.1f%% of |d p / d HU| inside the lung (lung is %.1f%% "
+                         "of the box)", site, patient, 100 * frac_ct, 100 * lung_box.mean())
+            if len(row) > 2:
+                rows.append(row)
             if patient in sample.get(site, []):
                 plot_saliency(out / "saliency" / f"{site}_{patient}.png", roi, grad,
-                              f"{site} / {patient}: |d p(COVID-19) / d ROI|",
-                              sigma=args.smooth_sigma, lung_mask_roi=mask)
-    fractions = pd.DataFrame(rows, columns=["site", "patient", "fraction",
-                                            "lung_volume_fraction"])
+                              f"{site} / {patient}: |gradient of p(COVID-19)|",
+                              sigma=args.smooth_sigma, lung_mask_roi=mask, ct_box=ct_box,
+                              ct_saliency=ct_grad, lung_box=lung_box)
+    fractions = pd.DataFrame(rows, columns=["site", "patient", "fraction", "lung_volume_fraction",
+                                            "fraction_ct", "lung_volume_fraction_ct"])
     by_site = (fractions.groupby("site", sort=False)
-               .agg(n=("fraction", "size"), mean_fraction=("fraction", "mean"),
-                    mean_lung_volume_fraction=("lung_volume_fraction", "mean")).reset_index())
+               .agg(n=("patient", "size"), mean_fraction=("fraction", "mean"),
+                    mean_lung_volume_fraction=("lung_volume_fraction", "mean"),
+                    mean_fraction_ct=("fraction_ct", "mean"),
+                    mean_lung_volume_fraction_ct=("lung_volume_fraction_ct", "mean"))
+               .reset_index())
     with atomic_path(out / "saliency_in_lung.csv") as tmp:
         fractions.to_csv(tmp, index=False, float_format="%.6g")
     with atomic_path(out / "saliency_in_lung_by_site.csv") as tmp:
@@ -599,9 +719,11 @@ def _track(tracking_uri: str, args, out: Path, by_site: pd.DataFrame, ratio, lay
         metrics = {"pca_explained_variance_1": float(ratio[0]),
                    "pca_explained_variance_2": float(ratio[1])}
         for r in by_site.itertuples():
+            site = re.sub(r"[^\w\-.]", "_", str(r.site))
             if np.isfinite(r.mean_fraction):
-                site = re.sub(r"[^\w\-.]", "_", str(r.site))
                 metrics[f"saliency_in_lung_{site}"] = float(r.mean_fraction)
+            if np.isfinite(r.mean_fraction_ct):
+                metrics[f"saliency_in_lung_ct_{site}"] = float(r.mean_fraction_ct)
         mlflow.log_metrics(metrics)
         for png in sorted(out.glob("*.png")):
             mlflow.log_artifact(str(png))

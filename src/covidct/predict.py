@@ -356,6 +356,9 @@ def preprocess_scan(scan: str | Path, size, *, segmentation: str = "threshold",
         from covidct.explain import lung_mask_in_roi
 
         out["lung_roi"] = lung_mask_in_roi(mask, attrs["bbox"], roi.shape)
+        z0, z1, y0, y1, x0, x1 = attrs["bbox"]        # for the saliency on the scan's voxels
+        out["ct_box"] = np.array(ct[z0:z1, y0:y1, x0:x1])
+        out["lung_box"] = np.array(mask[z0:z1, y0:y1, x0:x1] != 0)
     if keep_arrays:
         out["ct"], out["mask"] = ct, mask
     return out
@@ -519,14 +522,22 @@ def predict_scan(scan: str | Path, model_path: str | Path, *, cox_path: str | Pa
         log.info("risk %.4f: %s (cut-off %.4f; %s)", risk, group, float(cox["cutoff"]), direction)
 
     sal = None
+    saliency_in_lung = None
     if saliency_path is not None:
-        from covidct.explain import plot_saliency, saliency
+        from covidct.explain import (plot_saliency, saliency, saliency_fraction_in_lung,
+                                     saliency_on_ct)
 
         t = time.perf_counter()
         sal = saliency(model, roi)
+        ct_sal = None
+        if pre.get("ct_box") is not None:
+            ct_sal = saliency_on_ct(sal, pre["ct_box"], pre["lung_box"], roi_attrs)
+            saliency_in_lung = {"roi": saliency_fraction_in_lung(sal, pre["lung_roi"]),
+                                "ct": saliency_fraction_in_lung(ct_sal, pre["lung_box"])}
         plot_saliency(Path(saliency_path), roi, sal,
                       f"COVID-19 probability {prob:.3f} ({label} at threshold {threshold:g})",
-                      lung_mask_roi=pre["lung_roi"])
+                      lung_mask_roi=pre["lung_roi"], ct_box=pre.get("ct_box"),
+                      ct_saliency=ct_sal, lung_box=pre.get("lung_box"))
         seconds["saliency"] = round(time.perf_counter() - t, 3)
         log.info("saliency -> %s in %.2f s", saliency_path, seconds["saliency"])
     seconds["total"] = round(time.perf_counter() - t_start, 3)
@@ -549,6 +560,7 @@ def predict_scan(scan: str | Path, model_path: str | Path, *, cox_path: str | Pa
         "input": pre["input"],
         "segmentation": segmentation,
         "saliency": None if saliency_path is None else str(saliency_path),
+        "saliency_in_lung": saliency_in_lung,
         "model": str(model_path),
         "cox": None if cox_path is None else str(cox_path),
         "timing_s": seconds,

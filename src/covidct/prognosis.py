@@ -148,6 +148,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="penalty per parameter for --selection aic (2 = AIC)")
     parser.add_argument("--max-features", type=int, default=10,
                         help="at most this many covariates in the model (default 10)")
+    parser.add_argument("--events-per-feature", type=float, default=10.0,
+                        help="at most one covariate per this many training discharges (default 10, "
+                             "the usual rule against overfitting a Cox model; 0 = no such cap)")
     parser.add_argument("--penalizer", type=float, default=0.0,
                         help="lifelines CoxPHFitter L2 penalizer (default 0 = plain Cox)")
     parser.add_argument("--min-events", type=int, default=10,
@@ -343,8 +346,15 @@ def write_table_s3(tables_dir: Path, table: pd.DataFrame, n: int, n_events: int)
 
 def fit_prognosis_model(train: pd.DataFrame, features: Sequence[str], *, selection="stepwise",
                         p_enter=0.05, p_stay=0.10, ic_penalty=2.0, max_features=10,
-                        penalizer=0.0, min_events=10) -> tuple[dict, Any, np.ndarray]:
-    """Standardise, select and fit on the training cohort: ``(cox_json, fitter, train_risk)``."""
+                        penalizer=0.0, min_events=10, events_per_feature=10.0
+                        ) -> tuple[dict, Any, np.ndarray]:
+    """Standardise, select and fit on the training cohort: ``(cox_json, fitter, train_risk)``.
+
+    The model holds at most ``max_features`` covariates and at most one per
+    ``events_per_feature`` training discharges (0 = no such cap): with 64 DL features as
+    candidates and a few dozen patients, stepwise selection otherwise keeps entering chance
+    covariates that do not transfer to other sites.
+    """
     from covidct import survival
 
     n, n_events = len(train), int(train[EVENT].sum())
@@ -352,6 +362,9 @@ def fit_prognosis_model(train: pd.DataFrame, features: Sequence[str], *, selecti
         raise CovidctError(f"too few events in the training set: {n_events} discharged among {n} "
                            f"COVID-19 patients with follow-up (need at least "
                            f"{max(int(min_events), 2)}; see --min-events)")
+    cap = int(max_features)
+    if events_per_feature and events_per_feature > 0:
+        cap = max(1, min(cap, int(n_events // events_per_feature)))
     candidates = list(features) + list(CLINICAL)
     z, mean, sd = survival.standardise(train, candidates)
     notes = []
@@ -366,7 +379,7 @@ def fit_prognosis_model(train: pd.DataFrame, features: Sequence[str], *, selecti
     try:
         selected, trace = survival.stepwise_select(
             data, DURATION, EVENT, usable, method=selection, p_enter=p_enter, p_stay=p_stay,
-            max_features=max_features, penalizer=penalizer, ic_penalty=ic_penalty)
+            max_features=cap, penalizer=penalizer, ic_penalty=ic_penalty)
     except survival.SurvivalError as err:
         raise CovidctError(f"covariate selection ({selection}) failed: {err}") from err
     fallback = False
@@ -407,7 +420,9 @@ def fit_prognosis_model(train: pd.DataFrame, features: Sequence[str], *, selecti
         "sex_coding": "1 = male (M), 0 = female (F)",
         "feature_naming": "feature_k = DL feature-k, k = 0-based index of the 64-d DL feature",
         "selection": {"method": selection, "p_enter": p_enter, "p_stay": p_stay,
-                      "ic_penalty": ic_penalty, "max_features": max_features,
+                      "ic_penalty": ic_penalty, "max_features": cap,
+                      "max_features_option": int(max_features),
+                      "events_per_feature": float(events_per_feature or 0),
                       "penalizer": penalizer, "fallback_to_best_univariate": fallback,
                       "n_candidates": len(usable), "trace": trace},
         "training": {"n": n, "n_events": n_events,
@@ -453,6 +468,7 @@ def run(args: argparse.Namespace) -> int:
     cox, cph, train_risk = fit_prognosis_model(
         train, features, selection=args.selection, p_enter=args.p_enter, p_stay=args.p_stay,
         ic_penalty=args.ic_penalty, max_features=args.max_features, penalizer=args.penalizer,
+        events_per_feature=args.events_per_feature,
         min_events=args.min_events)
     for line in cox["selection"]["trace"]:
         log.info("selection: %s", line)

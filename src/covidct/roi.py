@@ -193,6 +193,24 @@ def resize_cubic(array: np.ndarray, size) -> np.ndarray:
     return np.ascontiguousarray(a)
 
 
+def resize_nearest(array: np.ndarray, shape) -> np.ndarray:
+    """Nearest-neighbour resize of a 3-D array (voxel centres mapped onto voxel centres)."""
+    idx = [np.minimum(((np.arange(n) + 0.5) * (s / n)).astype(int), s - 1)
+           for n, s in zip(shape, array.shape)]
+    return array[np.ix_(*idx)]
+
+
+def lung_in_roi(mask: np.ndarray, bbox, size) -> np.ndarray:
+    """The lung mask on the ROI's grid (uint8 0/1): cropped to ``bbox``, nearest-resized to
+    ``size``. Stored as the ``lung`` label of roi.zarr; augmentation and saliency use it."""
+    z0, z1, y0, y1, x0, x1 = (int(v) for v in bbox)
+    shape = mask.shape
+    if z0 < 0 or y0 < 0 or x0 < 0 or z1 > shape[0] or y1 > shape[1] or x1 > shape[2]:
+        raise ValueError(f"bounding box {tuple(bbox)} lies outside the lung mask {shape}")
+    crop = np.asarray(mask[z0:z1, y0:y1, x0:x1]) != 0
+    return resize_nearest(crop, [int(s) for s in size]).astype(np.uint8)
+
+
 def body_bbox(ct: np.ndarray, body_hu: float = -500.0):
     """Bounding box (z0, z1, y0, y1, x0, x1) of the body: largest component above ``body_hu``."""
     from covidct.segment import largest_component
@@ -391,8 +409,9 @@ def make_roi(ct_path, lung_path, out_path, *, size=PAPER_SIZE, patient: str | No
         attrs["patient"] = patient
     if site:
         attrs["site"] = site
+    labels = None if fallback else {"lung": lung_in_roi(mask, bbox, size)}
     zarrio.write_image(out_path, roi, spacing=spacing, origin=origin, direction=ct.direction,
-                       attrs=attrs, chunks=roi.shape, name="roi")
+                       attrs=attrs, chunks=roi.shape, name="roi", labels=labels)
     if qc_path:
         from covidct.qc import save_qc_png
 

@@ -68,15 +68,15 @@ SCANNER_KEYS = ("slice_mm", "fov_mm", "noise_hu", "kernel_mm", "padding_hu", "ma
 DEFAULT_SITES: dict[str, dict[str, Any]] = {
     "westchina": dict(n=40, task="egfr", format="nifti", mix={"egfr_mutant": 0.5, "egfr_wildtype": 0.5},
                       age_mean=60.0, age_sd=10.0, male=0.5),
-    "wuhan": dict(n=60, task="covid", format="dicom", follow_up=0.6, age_mean=50.5, age_sd=18.9, male=0.48,
+    "wuhan": dict(n=60, task="covid", format="dicom", follow_up=1.0, age_mean=50.5, age_sd=18.9, male=0.48,
                   mix={"covid": 0.6, "bacterial": 0.25, "mycoplasma": 0.1, "fungal": 0.05}),
     "anhui": dict(n=30, task="covid", format="dicom", age_mean=49.2, age_sd=18.4, male=0.58,
                   mix={"covid": 0.5, "bacterial": 0.45, "mycoplasma": 0.05}),
     "heilongjiang": dict(n=30, task="covid", format="nifti", age_mean=58.4, age_sd=16.2, male=0.67,
                          mix={"covid": 0.55, "bacterial": 0.15, "mycoplasma": 0.1, "viral": 0.2}),
-    "beijing": dict(n=20, task="covid", format="dicom", follow_up=1.0, age_mean=50.3, age_sd=19.3,
+    "beijing": dict(n=30, task="covid", format="dicom", follow_up=1.0, age_mean=50.3, age_sd=19.3,
                     male=0.47, mix={"covid": 1.0}),
-    "huangshi": dict(n=20, task="covid", format="nifti", follow_up=1.0, age_mean=47.7, age_sd=14.2,
+    "huangshi": dict(n=30, task="covid", format="nifti", follow_up=1.0, age_mean=47.7, age_sd=14.2,
                      male=0.51, mix={"covid": 1.0}),
 }
 DEFAULT_MIX = {"covid": {"covid": 1.0}, "egfr": {"egfr_mutant": 0.5, "egfr_wildtype": 0.5}}

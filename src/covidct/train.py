@@ -80,6 +80,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of split, shuffling, weights, augmentation")
     p.add_argument("--augment", action="store_true",
                    help="random slice-wise affine augmentation (rotation/scale/shift per volume)")
+    p.add_argument("--augment-non-lung", type=float, default=0.0, metavar="P",
+                   help="with --augment: probability of replacing the voxels outside the lung by a "
+                        "random level plus noise (needs the roi stage's lung label; default 0)")
+    p.add_argument("--augment-noise", type=float, default=0.0, metavar="SD",
+                   help="with --augment: additive Gaussian noise, sd up to SD z-units (default 0)")
+    p.add_argument("--augment-blur", type=float, default=0.0, metavar="SIGMA",
+                   help="with --augment: in-plane Gaussian blur, sigma up to SIGMA voxels (default 0)")
     p.add_argument("--mixed-precision", choices=tuple(PRECISION_POLICIES), default="none",
                    help="training precision policy (bf16 = mixed_bfloat16)")
     p.add_argument("--workers", type=int, default=2, help="threads reading ROI batches (default 2)")
@@ -303,7 +310,7 @@ def run(args: argparse.Namespace) -> int:
         raise CovidctError("--epochs must be >= 0, --batch-size >= 1 and --workers >= 0")
     user_tags = parse_tags(args.tag)
 
-    from covidct.dataset import RoiDataset, roi_shape
+    from covidct.dataset import Augment, RoiDataset, roi_shape
 
     table = training_table(args.sheet, args.rois, args.task)
     shapes = {}
@@ -329,9 +336,11 @@ def run(args: argparse.Namespace) -> int:
     backend = keras.backend.backend()
     model = initial_model(input_shape, args.init, bn_momentum=args.bn_momentum)
     init_digest = weights_digest(model.get_weights())
+    augment = Augment(non_lung=args.augment_non_lung, noise=args.augment_noise,
+                      blur=args.augment_blur) if args.augment else None
     train_ds = RoiDataset(train_t["roi"].tolist(), train_t["y"].to_numpy(),
                           batch_size=args.batch_size, shuffle=True, seed=args.seed,
-                          class_weight=class_weight, augment=args.augment, cache=args.cache,
+                          class_weight=class_weight, augment=augment, cache=args.cache,
                           workers=args.workers)
     val_ds = None
     if len(val_t):
@@ -350,6 +359,9 @@ def run(args: argparse.Namespace) -> int:
         "lr_patience": args.lr_patience,
         "class_weight_negative": float(c), "val_fraction": args.val_fraction,
         "select": args.select, "seed": args.seed, "augment": bool(args.augment),
+        "augment_non_lung": args.augment_non_lung if args.augment else 0.0,
+        "augment_noise": args.augment_noise if args.augment else 0.0,
+        "augment_blur": args.augment_blur if args.augment else 0.0,
         "mixed_precision": args.mixed_precision, "workers": args.workers,
         "init": str(args.init) if args.init else "none", "init_digest": init_digest,
         "input_shape": "x".join(map(str, input_shape)), "n_train": len(train_t),

@@ -97,11 +97,14 @@ def _ome_metadata(name: str, spacing_zyx, origin_xyz) -> dict:
 def write_image(path: str | Path, array: np.ndarray, *, spacing: Sequence[float],
                 origin: Sequence[float] = (0.0, 0.0, 0.0), direction: Sequence[float] = IDENTITY,
                 attrs: dict[str, Any] | None = None, chunks: Sequence[int] | None = None,
-                name: str | None = None, clevel: int = 3) -> Path:
+                name: str | None = None, clevel: int = 3,
+                labels: dict[str, np.ndarray] | None = None) -> Path:
     """Write ``array`` (z, y, x) as an OME-Zarr image store at ``path``, atomically.
 
     ``spacing`` is (z, y, x) mm; ``origin`` (x, y, z) and ``direction`` as SimpleITK gives them.
-    ``attrs`` go into the ``covidct`` namespace next to the geometry.
+    ``attrs`` go into the ``covidct`` namespace next to the geometry. ``labels`` are label
+    images on the same grid (e.g. ``{"lung": mask}``), written as OME-Zarr labels
+    ``labels/{name}/0`` (uint8) in the same atomic write; :func:`read_label` reads them.
     """
     array = np.asarray(array)
     if array.ndim != 3:
@@ -121,6 +124,23 @@ def write_image(path: str | Path, array: np.ndarray, *, spacing: Sequence[float]
             dimension_names=("z", "y", "x"), fill_value=0,
         )
         arr[...] = array
+        for label, values in (labels or {}).items():
+            values = np.asarray(values)
+            if values.shape != array.shape:
+                raise ValueError(f"label {label!r} has shape {values.shape}, the image {array.shape}")
+            group = root.require_group("labels")
+            group.attrs["ome"] = {"version": OME_VERSION,
+                                  "labels": sorted(set(group.attrs.get("ome", {}).get("labels", []))
+                                                   | {label})}
+            sub = group.create_group(label)
+            sub.attrs["ome"] = {**_ome_metadata(label, spacing, origin),
+                                "image-label": {"version": OME_VERSION, "source": {"image": "../../"}}}
+            lab = sub.create_array(
+                "0", shape=values.shape, dtype=np.uint8,
+                chunks=tuple(chunks) if chunks else default_chunks(values.shape),
+                compressors=BloscCodec(cname="zstd", clevel=clevel, shuffle="bitshuffle"),
+                dimension_names=("z", "y", "x"), fill_value=0)
+            lab[...] = values.astype(np.uint8)
     return path
 
 
@@ -153,6 +173,15 @@ def open_image(path: str | Path) -> Image:
 
 def read_array(path: str | Path) -> np.ndarray:
     return open_image(path).read()
+
+
+def read_label(path: str | Path, name: str) -> np.ndarray | None:
+    """The label image ``labels/{name}/0`` of a store (uint8), or None when it has none."""
+    root = zarr.open_group(store=str(path), mode="r")
+    try:
+        return np.asarray(root[f"labels/{name}/0"][...])
+    except KeyError:
+        return None
 
 
 def _jsonable(value):

@@ -88,6 +88,10 @@ def roi_paths(sites):
     return [f"{patient_dir(r)}/roi.zarr" for r in patients_of(sites).itertuples()]
 
 
+def ct_paths(sites):
+    return [f"{patient_dir(r)}/ct.zarr" for r in patients_of(sites).itertuples()]
+
+
 def lung_paths(sites):
     return [f"{patient_dir(r)}/lung.zarr" for r in patients_of(sites).itertuples()]
 
@@ -201,7 +205,9 @@ def train_params(name, sites, class_weight=True):
         epochs=TRAINING["epochs"][name],
         sites=",".join(sites),
         class_weight=f"--class-weight {TRAINING['class_weight']}" if class_weight else "",
-        augment="--augment" if TRAINING["augment"] else "",
+        augment=(f"--augment --augment-non-lung {TRAINING['augment_non_lung']}"
+                 f" --augment-noise {TRAINING['augment_noise']}"
+                 f" --augment-blur {TRAINING['augment_blur']}") if TRAINING["augment"] else "",
         tracking=TRACKING,
         t={k: TRAINING[k] for k in ("batch_size", "lr", "lr_factor", "lr_patience", "val_fraction",
                                     "seed", "mixed_precision", "workers", "bn_momentum")},

@@ -28,7 +28,8 @@ rule prognosis:
         "covidct prognosis --train {input.train} {params.validate} --sheet {input.sheets}"
         " --out-dir {params.out_dir} --tables-dir {params.tables_dir}"
         " --selection {params.p[selection]} --p-enter {params.p[p_enter]} --p-stay {params.p[p_stay]}"
-        " --max-features {params.p[max_features]} --penalizer {params.p[penalizer]}"
+        " --max-features {params.p[max_features]} --events-per-feature {params.p[events_per_feature]}"
+        " --penalizer {params.p[penalizer]}"
         " --min-events {params.p[min_events]}"
         " {params.tracking} > {log} 2>&1"
 
@@ -39,6 +40,7 @@ rule explain:
         predictions=[eval_file("finetune_covid", "predictions.csv", s) for s in EVAL_SITES],
         rois=roi_paths(EVAL_SITES),
         lungs=lung_paths(EVAL_SITES),
+        cts=ct_paths(EVAL_SITES),
     output:
         pca=report(f"{RESULTS}/explain/feature_pca.png", caption="../report/explain.rst",
                    category="Explanation"),
@@ -55,5 +57,5 @@ rule explain:
         "../../envs/deep.yaml"
     shell:
         "KERAS_BACKEND={params.backend} covidct explain --model {input.model} --rois {input.rois}"
-        " --lungs {input.lungs} --predictions {input.predictions} --out-dir {params.out_dir}"
+        " --lungs {input.lungs} --cts {input.cts} --predictions {input.predictions} --out-dir {params.out_dir}"
         " --n-per-site {params.n} {params.layers} {params.tracking} > {log} 2>&1"
