@@ -104,7 +104,8 @@ def test_lung_fraction_on_constructed_case():
         explain.lung_mask_in_roi(lung, (0, 11, 0, 5, 0, 5), (4, 4, 4))
 
 
-def test_resize_matrix_is_the_roi_stages_resize():
+@pytest.mark.parametrize("antialias", [False, True])
+def test_resize_matrix_is_the_roi_stages_resize(antialias):
     from covidct.roi import resize_cubic
 
     rng = np.random.default_rng(1)
@@ -112,12 +113,13 @@ def test_resize_matrix_is_the_roi_stages_resize():
     size = (3, 6, 20)
     out = a
     for axis, n in enumerate(a.shape):
-        out = np.moveaxis(np.tensordot(explain.resize_matrix(n, size[axis]),
+        out = np.moveaxis(np.tensordot(explain.resize_matrix(n, size[axis], antialias),
                                        np.moveaxis(out, axis, 0), axes=1), 0, axis)
-    np.testing.assert_allclose(out, resize_cubic(a, size), atol=1e-5)
+    np.testing.assert_allclose(out, resize_cubic(a, size, antialias=antialias), atol=1e-5)
 
 
-def test_saliency_on_ct_matches_finite_differences_through_the_roi_stage():
+@pytest.mark.parametrize("antialias", [False, True])
+def test_saliency_on_ct_matches_finite_differences_through_the_roi_stage(antialias):
     """p = sum(w * ROI) with the roi stage's own suppression, z-score and resize: the CT-voxel
     gradient agrees with central differences in HU, and is exactly 0 where the clip or the
     non-lung clamp binds."""
@@ -136,10 +138,12 @@ def test_saliency_on_ct_matches_finite_differences_through_the_roi_stage():
     def p_of(b):
         s, _ = suppress_non_lung(b, lung, 95, 4)
         mean, sd = zscore_stats(s)
-        return float((w * resize_cubic((s - mean) / sd, size)).sum()), mean, sd
+        roi = resize_cubic((s - mean) / sd, size, antialias=antialias)
+        return float((w * roi).sum()), mean, sd
 
     _, mean, sd = p_of(box)
-    attrs = {"percentile": 95, "n_std": 4, "zscore_mean": mean, "zscore_sd": sd}
+    attrs = {"percentile": 95, "n_std": 4, "zscore_mean": mean, "zscore_sd": sd,
+             "antialias": antialias}
     g = explain.saliency_on_ct(w, box, lung, attrs)
     assert g.shape == shape and (g >= 0).all()
     for idx in [(2, 8, 15), (2, 6, 5), (3, 2, 2)]:

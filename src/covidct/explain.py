@@ -198,14 +198,16 @@ def saliency_fraction_in_lung(saliency_map: np.ndarray, lung_mask_roi: np.ndarra
                                                   / total)
 
 
-def resize_matrix(n: int, m: int) -> np.ndarray:
+def resize_matrix(n: int, m: int, antialias: bool = False) -> np.ndarray:
     """The (m, n) matrix of the roi stage's cubic resize along one axis (n -> m samples).
 
-    :func:`covidct.roi.resize_cubic` is separable and linear, so the resize of a box is these
-    matrices applied along z, y and x, and its adjoint their transposes."""
-    from covidct.roi import _resize_axis
+    :func:`covidct.roi.resize_cubic` (with or without anti-aliasing) is separable and linear,
+    so the resize of a box is these matrices applied along z, y and x, and its adjoint their
+    transposes."""
+    from covidct.roi import resample_axis
 
-    return np.asarray(_resize_axis(np.eye(n, dtype=np.float32), int(m), 0), dtype=np.float32)
+    return np.asarray(resample_axis(np.eye(n, dtype=np.float32), int(m), 0, antialias),
+                      dtype=np.float32)
 
 
 def saliency_on_ct(grad_roi: np.ndarray, ct_box: np.ndarray, lung_box: np.ndarray,
@@ -230,8 +232,8 @@ def saliency_on_ct(grad_roi: np.ndarray, ct_box: np.ndarray, lung_box: np.ndarra
         raise ValueError(f"CT box {box.shape} and lung box {lung.shape} differ")
     h = np.asarray(grad_roi, dtype=np.float32)
     for axis, n in enumerate(box.shape):            # adjoint of the separable resize
-        h = np.moveaxis(np.tensordot(resize_matrix(n, h.shape[axis]).T, np.moveaxis(h, axis, 0),
-                                     axes=1), 0, axis)
+        matrix = resize_matrix(n, h.shape[axis], bool(attrs.get("antialias", False)))
+        h = np.moveaxis(np.tensordot(matrix.T, np.moveaxis(h, axis, 0), axes=1), 0, axis)
     suppressed, limits = suppress_non_lung(box, lung, float(attrs.get("percentile", 95)),
                                            float(attrs.get("n_std", 4)))
     mean, sd = float(attrs["zscore_mean"]), float(attrs["zscore_sd"])

@@ -10,6 +10,7 @@ TensorFlow/Keras is imported inside the functions that need it only.
 
 from __future__ import annotations
 
+import argparse
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -316,7 +317,8 @@ def keras_input_shape(path: str | Path) -> tuple[int, int, int] | None:
 def preprocess_scan(scan: str | Path, size, *, segmentation: str = "threshold",
                     segmenter: str | Path | None = None, allow_fallback: bool = False,
                     min_pixels: int = 60, ingest_options: dict | None = None,
-                    lung_in_roi: bool = False, keep_arrays: bool = False) -> dict:
+                    lung_in_roi: bool = False, keep_arrays: bool = False,
+                    antialias: bool = True) -> dict:
     """Read, segment and crop one scan: the ROI (float16, ``size``) exactly as the ingest,
     segment and roi stages would write it, with its attributes and the step timings.
 
@@ -343,7 +345,8 @@ def preprocess_scan(scan: str | Path, size, *, segmentation: str = "threshold",
     t = time.perf_counter()
     try:
         roi, attrs = roi_from_arrays(ct, mask, spacing, size, body_ml=body_ml,
-                                     allow_fallback=allow_fallback, min_pixels=min_pixels)
+                                     allow_fallback=allow_fallback, min_pixels=min_pixels,
+                                     antialias=antialias)
     except SegmentationFailed as err:
         raise err.with_context(path=scan)
     except RoiRejected as err:
@@ -436,7 +439,7 @@ def predict_scan(scan: str | Path, model_path: str | Path, *, cox_path: str | Pa
                  segmentation: str = "threshold", segmenter: str | Path | None = None,
                  threshold: float = 0.5, allow_fallback: bool = False, min_pixels: int = 60,
                  ingest_options: dict | None = None, parallel: bool = True,
-                 return_arrays: bool = False) -> dict:
+                 return_arrays: bool = False, antialias: bool = True) -> dict:
     """Run one scan through the system; returns the JSON-ready result (see the CLI help).
 
     With ``parallel`` (and a ``.keras`` file whose input size can be read without TensorFlow),
@@ -466,7 +469,7 @@ def predict_scan(scan: str | Path, model_path: str | Path, *, cox_path: str | Pa
     pre_kwargs = dict(segmentation=segmentation, segmenter=segmenter,
                       allow_fallback=allow_fallback, min_pixels=min_pixels,
                       ingest_options=ingest_options, lung_in_roi=saliency_path is not None,
-                      keep_arrays=return_arrays)
+                      keep_arrays=return_arrays, antialias=antialias)
 
     seconds: dict[str, float] = {}
     size = None if return_arrays or not parallel else keras_input_shape(model_path)
@@ -601,6 +604,9 @@ def add_arguments_predict(parser) -> None:
     parser.add_argument("--allow-fallback", action="store_true",
                         help="on a failed segmentation crop the body's bounding box instead of "
                              "failing (recorded as roi.fallback)")
+    parser.add_argument("--antialias", action=argparse.BooleanOptionalAction, default=True,
+                        help="anti-aliased ROI resize, as the workflow's roi.antialias (default "
+                             "on); it must match how the model's training ROIs were made")
     parser.add_argument("--rescale-intercept", type=float, default=None,
                         help="as in covidct ingest: add this to images without any voxel below 0")
     parser.add_argument("--threads", type=int, default=0,
@@ -624,7 +630,7 @@ def run_predict(args) -> int:
             segmentation=args.segmentation, segmenter=args.segmenter, threshold=args.threshold,
             allow_fallback=args.allow_fallback, min_pixels=args.min_pixels,
             ingest_options={"rescale_intercept": args.rescale_intercept},
-            parallel=args.parallel)
+            parallel=args.parallel, antialias=args.antialias)
     sys.stdout.write(json.dumps(result, allow_nan=False) + "\n")
     sys.stdout.flush()
     return 0

@@ -50,6 +50,7 @@ rule roi:
         size=" ".join(str(s) for s in config["roi"]["size"]),
         fallback="--allow-fallback" if SEGMENTATION["allow_fallback"] else "",
         min_pixels=config["roi"]["min_pixels"],
+        antialias="--antialias" if config["roi"]["antialias"] else "--no-antialias",
     log:
         "logs/roi/{site}/{patient}.log",
     conda:
@@ -58,7 +59,7 @@ rule roi:
         "preprocess"
     shell:
         "covidct roi {input.ct} {input.lung} {output.roi} --size {params.size} --qc {output.qc}"
-        " --min-pixels {params.min_pixels} {params.fallback} --patient {wildcards.patient} --site {wildcards.site} > {log} 2>&1"
+        " --min-pixels {params.min_pixels} {params.antialias} {params.fallback} --patient {wildcards.patient} --site {wildcards.site} > {log} 2>&1"
 
 
 rule qc_summary:

@@ -48,6 +48,7 @@ rule explain:
     params:
         backend=TRAINING["backend"],
         n=EXPLAIN["n_per_site"],
+        fraction_for=EXPLAIN["fraction_for"],
         layers=layers_flag,
         out_dir=lambda wc, output: Path(output.pca).parent,
         tracking=TRACKING,
@@ -58,4 +59,4 @@ rule explain:
     shell:
         "KERAS_BACKEND={params.backend} covidct explain --model {input.model} --rois {input.rois}"
         " --lungs {input.lungs} --cts {input.cts} --predictions {input.predictions} --out-dir {params.out_dir}"
-        " --n-per-site {params.n} {params.layers} {params.tracking} > {log} 2>&1"
+        " --n-per-site {params.n} --fraction-for {params.fraction_for} {params.layers} {params.tracking} > {log} 2>&1"
