@@ -32,7 +32,7 @@ import numpy as np
 from scipy import ndimage
 
 from covidct.errors import CovidctError
-from covidct.zarrio import open_image, read_array
+from covidct.zarrio import open_image, read_array, read_label
 
 
 @dataclass(frozen=True)
@@ -210,8 +210,6 @@ class RoiDataset(keras.utils.PyDataset):
 
     def lung(self, i: int) -> np.ndarray:
         """Patient ``i``'s lung label on the ROI grid (uint8), from its roi.zarr."""
-        from covidct.zarrio import read_label
-
         path = self.paths[i]
         try:
             lung = read_label(path, "lung")

@@ -612,14 +612,14 @@ def run(args: argparse.Namespace) -> int:
             roi_img = _read_store(roi_path, patient, "ROI")
             roi = roi_img.read().astype(np.float32)
             grad = saliency(model, roi)
+            lung_img = _read_store(lung_path, patient, "lung mask") \
+                if lung_path.exists() or args.lungs else None
             mask = None if args.lungs else read_label(roi_path, "lung")
             if mask is not None:
                 mask = mask.astype(bool)
-            elif lung_path.exists() or args.lungs:     # stores written before the lung label
-                lung = _read_store(lung_path, patient, "lung mask")
+            elif lung_img is not None:                 # stores written before the lung label
                 try:
-                    bbox = roi_bbox(roi_img.attrs)
-                    mask = lung_mask_in_roi(lung.array, bbox, roi.shape)
+                    mask = lung_mask_in_roi(lung_img.array, roi_bbox(roi_img.attrs), roi.shape)
                 except (KeyError, ValueError) as err:
                     raise CovidctError(f"cannot place the lung mask in the ROI: {err}",
                                        patient=patient, path=roi_path) from err
@@ -635,13 +635,13 @@ def run(args: argparse.Namespace) -> int:
                             lung_path)
             ct_box = lung_box = ct_grad = None
             ct_path = cts.get(patient)
-            if ct_path is not None and ct_path.exists() and lung_path.exists() \
+            if lung_img is not None and ct_path is not None and ct_path.exists() \
                     and not roi_img.attrs.get("fallback"):
                 try:
                     z0, z1, y0, y1, x0, x1 = roi_bbox(roi_img.attrs)
-                    ct_box = np.asarray(_read_store(ct_path, patient, "CT").array[z0:z1, y0:y1, x0:x1])
-                    lung_box = np.asarray(_read_store(lung_path, patient, "lung mask")
-                                          .array[z0:z1, y0:y1, x0:x1]) != 0
+                    ct_box = np.asarray(_read_store(ct_path, patient, "CT")
+                                        .array[z0:z1, y0:y1, x0:x1])
+                    lung_box = np.asarray(lung_img.array[z0:z1, y0:y1, x0:x1]) != 0
                     ct_grad = saliency_on_ct(grad, ct_box, lung_box, roi_img.attrs)
                 except (KeyError, ValueError) as err:
                     raise CovidctError(f"cannot take the saliency back to the CT: {err}",
@@ -650,7 +650,7 @@ def run(args: argparse.Namespace) -> int:
                 row.update(fraction_ct=frac_ct, lung_volume_fraction_ct=float(lung_box.mean()))
                 log.info("saliency %s %s: %.1f%% of |d p / d HU| inside the lung (lung is %.1f%% "
                          "of the box)", site, patient, 100 * frac_ct, 100 * lung_box.mean())
-            if len(row) > 2:
+            if mask is not None or ct_grad is not None:
                 rows.append(row)
             if patient in sample.get(site, []):
                 plot_saliency(out / "saliency" / f"{site}_{patient}.png", roi, grad,

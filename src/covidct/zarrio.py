@@ -117,31 +117,32 @@ def write_image(path: str | Path, array: np.ndarray, *, spacing: Sequence[float]
         root = zarr.create_group(store=str(tmp), zarr_format=3, overwrite=True)
         root.attrs.update({"ome": _ome_metadata(name or path.stem, spacing, origin),
                            "covidct": _jsonable(meta)})
-        arr = root.create_array(
-            "0", shape=array.shape, dtype=array.dtype,
-            chunks=tuple(chunks) if chunks else default_chunks(array.shape),
-            compressors=BloscCodec(cname="zstd", clevel=clevel, shuffle="bitshuffle"),
-            dimension_names=("z", "y", "x"), fill_value=0,
-        )
-        arr[...] = array
-        for label, values in (labels or {}).items():
-            values = np.asarray(values)
-            if values.shape != array.shape:
-                raise ValueError(f"label {label!r} has shape {values.shape}, the image {array.shape}")
-            group = root.require_group("labels")
-            group.attrs["ome"] = {"version": OME_VERSION,
-                                  "labels": sorted(set(group.attrs.get("ome", {}).get("labels", []))
-                                                   | {label})}
-            sub = group.create_group(label)
-            sub.attrs["ome"] = {**_ome_metadata(label, spacing, origin),
-                                "image-label": {"version": OME_VERSION, "source": {"image": "../../"}}}
-            lab = sub.create_array(
-                "0", shape=values.shape, dtype=np.uint8,
-                chunks=tuple(chunks) if chunks else default_chunks(values.shape),
-                compressors=BloscCodec(cname="zstd", clevel=clevel, shuffle="bitshuffle"),
-                dimension_names=("z", "y", "x"), fill_value=0)
-            lab[...] = values.astype(np.uint8)
+        _write_level0(root, array, chunks, clevel)
+        if labels:
+            group = root.create_group("labels")
+            group.attrs["ome"] = {"version": OME_VERSION, "labels": sorted(labels)}
+            for label, values in labels.items():
+                values = np.asarray(values)
+                if values.shape != array.shape:
+                    raise ValueError(f"label {label!r} has shape {values.shape}, the image "
+                                     f"{array.shape}")
+                sub = group.create_group(label)
+                sub.attrs["ome"] = {**_ome_metadata(label, spacing, origin),
+                                    "image-label": {"version": OME_VERSION,
+                                                    "source": {"image": "../../"}}}
+                _write_level0(sub, values.astype(np.uint8), chunks, clevel)
     return path
+
+
+def _write_level0(group, array: np.ndarray, chunks, clevel: int) -> None:
+    """The full-resolution array ``0`` of an image (or label) group: zstd, z-slice chunks."""
+    arr = group.create_array(
+        "0", shape=array.shape, dtype=array.dtype,
+        chunks=tuple(chunks) if chunks else default_chunks(array.shape),
+        compressors=BloscCodec(cname="zstd", clevel=clevel, shuffle="bitshuffle"),
+        dimension_names=("z", "y", "x"), fill_value=0,
+    )
+    arr[...] = array
 
 
 def write_sitk(path: str | Path, image, *, attrs: dict[str, Any] | None = None,
