@@ -9,9 +9,19 @@ precision (fp32, bf16) and mode measures:
   fit              model.fit over a threaded RoiDataset (workers=N) with steps_per_execution;
                    "data %" = summed time inside __getitem__ (in worker threads, overlapping
                    the steps) / total time: under 100% means reading keeps up.
+  fit_cached       the same with every volume decoded into memory first (RoiDataset's cache),
+                   so the difference to "fit" is what reading Zarr costs.
+  read             no model: RoiDataset batches through a pool of `workers` threads, as fit
+                   reads them; samples/s is what reading alone can deliver.
+
+For train_on_batch, "compute samples/s" leaves the reading out (samples / time in steps).
+--batch and --steps-per-execution take several values; every combination is measured, each
+row printed as soon as it is done.
 
 Examples:
   KERAS_BACKEND=jax python benchmarks/bench_train_gpu.py                      # 48x240x360
+  KERAS_BACKEND=jax python benchmarks/bench_train_gpu.py --precision bf16 --modes fit \
+      --batch 4 8 16 --steps-per-execution 4 8
   KERAS_BACKEND=tensorflow python benchmarks/bench_train_gpu.py --size 16 64 96 --steps 3
 """
 
@@ -31,32 +41,40 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import numpy as np  # noqa: E402
 
 POLICIES = {"fp32": "float32", "bf16": "mixed_bfloat16"}
+MODES = ("read", "train_on_batch", "fit", "fit_cached")
+HEAD = ("precision", "mode", "batch", "spe", "steps", "samples/s", "ms/step", "data %",
+        "compute samples/s", "note")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--size", type=int, nargs=3, default=[48, 240, 360], metavar=("D", "H", "W"))
-    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--batch", type=int, nargs="+", default=[4])
     p.add_argument("--steps", type=int, default=20, help="timed steps per configuration")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation)")
     p.add_argument("--stores", type=int, default=16, help="roi.zarr stores to write")
     p.add_argument("--workers", type=int, default=4, help="RoiDataset reader threads (fit)")
-    p.add_argument("--steps-per-execution", type=int, default=4)
+    p.add_argument("--steps-per-execution", type=int, nargs="+", default=[4])
     p.add_argument("--precision", nargs="+", choices=tuple(POLICIES), default=["fp32", "bf16"])
-    p.add_argument("--modes", nargs="+", choices=("train_on_batch", "fit"),
+    p.add_argument("--modes", nargs="+", choices=MODES,
                    default=["train_on_batch", "fit"])
     p.add_argument("--dir", type=Path, default=None, help="where to write the stores (temp)")
+    p.add_argument("--chunk-depth", type=int, default=None,
+                   help="slices per Zarr chunk (default: the whole ROI, as the roi stage writes)")
     return p.parse_args(argv)
 
 
-def write_stores(root: Path, n: int, size) -> list[Path]:
+def write_stores(root: Path, n: int, size, chunk_depth=None) -> list[Path]:
     from covidct.zarrio import write_image
 
     rng = np.random.default_rng(0)
+    # the roi stage writes each ROI as one chunk (covidct.roi.make_roi); --chunk-depth varies it
+    chunks = tuple(size) if chunk_depth is None else (chunk_depth,) + tuple(size[1:])
     paths = []
     for i in range(n):
         path = root / "patients" / "bench" / f"B{i:03d}" / "roi.zarr"
-        write_image(path, rng.normal(size=size).astype(np.float16), spacing=(1.0, 1.0, 1.0))
+        write_image(path, rng.normal(size=size).astype(np.float16), spacing=(1.0, 1.0, 1.0),
+                    chunks=chunks)
         paths.append(path)
     return paths
 
@@ -72,12 +90,32 @@ def build(keras, size, policy, steps_per_execution=1):
     return model
 
 
-def bench_train_on_batch(keras, paths, labels, args, policy):
+def bench_read(paths, labels, args, batch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from covidct.dataset import RoiDataset
+
+    steps = args.steps
+    reps = -(-steps * batch // len(paths))
+    many = (list(paths) * reps)[:steps * batch]
+    ys = (list(labels) * reps)[:steps * batch]
+    ds = RoiDataset(many, ys, batch_size=batch, shuffle=True)
+    with ThreadPoolExecutor(args.workers) as pool:
+        start = time.perf_counter()
+        for _ in pool.map(ds.__getitem__, range(len(ds))):
+            pass
+        total = time.perf_counter() - start
+    return total, ds.read_seconds, steps
+
+
+def bench_train_on_batch(keras, paths, labels, args, policy, batch):
     from covidct.dataset import RoiDataset
 
     model = build(keras, args.size, policy)
-    ds = RoiDataset(paths, labels, batch_size=args.batch, shuffle=True, workers=1)
+    ds = RoiDataset(paths, labels, batch_size=batch, shuffle=True, workers=1)
     n = len(ds)
+    if len(paths) % batch:                                 # only full batches (one shape)
+        n = len(paths) // batch
     for i in range(args.warmup):
         x, y = ds[i % n]
         float(np.asarray(model.train_on_batch(x, y)))
@@ -92,70 +130,103 @@ def bench_train_on_batch(keras, paths, labels, args, policy):
     return total, read
 
 
-def bench_fit(keras, paths, labels, args, policy):
+def bench_fit(keras, paths, labels, args, policy, batch, spe, cached=False):
     from covidct.dataset import RoiDataset
 
-    spe = args.steps_per_execution
     steps = max(spe, args.steps // spe * spe)
     model = build(keras, args.size, policy, steps_per_execution=spe)
-    reps = -(-steps * args.batch // len(paths))            # enough patients for `steps` batches
-    many = (list(paths) * reps)[:steps * args.batch]
-    ys = (list(labels) * reps)[:steps * args.batch]
-    warm = RoiDataset(many[:spe * args.batch], ys[:spe * args.batch], batch_size=args.batch,
+    reps = -(-steps * batch // len(paths))                 # enough patients for `steps` batches
+    many = (list(paths) * reps)[:steps * batch]
+    ys = (list(labels) * reps)[:steps * batch]
+    warm = RoiDataset(many[:spe * batch], ys[:spe * batch], batch_size=batch,
                       workers=args.workers)
     model.fit(warm, epochs=1, verbose=0, shuffle=False)     # compiles the multi-step function
-    ds = RoiDataset(many, ys, batch_size=args.batch, workers=args.workers, shuffle=True)
+    ds = RoiDataset(many, ys, batch_size=batch, workers=args.workers, shuffle=True,
+                    cache=len(paths) if cached else 0)
+    if cached:
+        # the cache is keyed by index into `many`; alias the repeats to one decoded volume each
+        volumes = [ds.read(i) for i in range(len(paths))]
+        ds.cache_size = len(many)
+        for i in range(len(many)):
+            ds._cache[i] = volumes[i % len(paths)]
+        ds.read_seconds = 0.0
     start = time.perf_counter()
     model.fit(ds, epochs=1, verbose=0, shuffle=False)
     total = time.perf_counter() - start
     return total, ds.read_seconds, steps
 
 
+def device_description(keras) -> str:
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        kinds = ", ".join(f"{d.platform}:{d.device_kind}" for d in jax.devices())
+        return f"jax {jax.__version__} ({kinds})"
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        names = ", ".join(d.name for d in tf.config.list_logical_devices()) or "cpu"
+        return f"tensorflow {tf.__version__} ({names})"
+    return backend
+
+
+def print_row(row, widths):
+    print("  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip(), flush=True)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     import keras
 
-    backend = keras.backend.backend()
-    devices = "cpu"
-    if backend == "jax":
-        import jax
-
-        devices = ", ".join(str(d) for d in jax.devices())
-    elif backend == "tensorflow":
-        import tensorflow as tf
-
-        devices = ", ".join(d.name for d in tf.config.list_logical_devices()) or "cpu"
     size = tuple(args.size)
-    print(f"COVID-19Net training benchmark: backend {backend} ({devices}), input "
-          f"{'x'.join(map(str, size))}, batch {args.batch}, {args.steps} steps, "
-          f"{args.stores} roi.zarr stores, {args.workers} reader threads")
+    print(f"COVID-19Net training benchmark: keras {keras.__version__}, "
+          f"{device_description(keras)}, input {'x'.join(map(str, size))}, {args.steps} steps, "
+          f"{args.stores} roi.zarr stores, {args.workers} reader threads", flush=True)
+    widths = [max(len(h), 9) for h in HEAD]
+    widths[HEAD.index("mode")] = max(map(len, MODES))
+    widths[-1] = 0
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         t0 = time.perf_counter()
-        paths = write_stores(Path(tmp), args.stores, size)
-        print(f"wrote {len(paths)} stores in {time.perf_counter() - t0:.1f} s")
+        paths = write_stores(Path(tmp), args.stores, size, args.chunk_depth)
+        from covidct.zarrio import open_image
+
+        chunks = open_image(paths[0]).array.chunks
+        print(f"wrote {len(paths)} stores (chunks {chunks}) in {time.perf_counter() - t0:.1f} s",
+              flush=True)
         labels = np.arange(len(paths)) % 2
-        rows = []
+        print_row(HEAD, widths)
         for precision in args.precision:
-            for mode in args.modes:
-                try:
-                    if mode == "train_on_batch":
-                        total, read = bench_train_on_batch(keras, paths, labels, args,
-                                                           POLICIES[precision])
-                        steps = args.steps
-                    else:
-                        total, read, steps = bench_fit(keras, paths, labels, args,
-                                                       POLICIES[precision])
-                    samples = steps * args.batch
-                    rows.append((precision, mode, steps, f"{samples / total:.2f}",
-                                 f"{1000 * total / steps:.0f}", f"{100 * read / total:.0f}%", ""))
-                except Exception as err:  # noqa: BLE001 - report and go on to the next one
-                    rows.append((precision, mode, "-", "-", "-", "-",
-                                 f"{type(err).__name__}: {str(err).splitlines()[0][:60]}"))
-        head = ("precision", "mode", "steps", "samples/s", "ms/step", "data %", "note")
-        widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
-        for r in [head] + rows:
-            print("  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip())
+            for batch in args.batch:
+                for mode in args.modes:
+                    spes = args.steps_per_execution if mode.startswith("fit") else [1]
+                    for spe in spes:
+                        print_row(run_one(keras, paths, labels, args, precision, mode, batch,
+                                          spe), widths)
     return 0
+
+
+def run_one(keras, paths, labels, args, precision, mode, batch, spe):
+    policy = POLICIES[precision]
+    t0 = time.perf_counter()
+    try:
+        compute = ""
+        if mode == "read":
+            total, read, steps = bench_read(paths, labels, args, batch)
+        elif mode == "train_on_batch":
+            total, read = bench_train_on_batch(keras, paths, labels, args, policy, batch)
+            steps = args.steps
+            compute = f"{steps * batch / (total - read):.2f}"
+        else:
+            total, read, steps = bench_fit(keras, paths, labels, args, policy, batch, spe,
+                                           cached=mode == "fit_cached")
+        samples = steps * batch
+        note = f"{time.perf_counter() - t0:.0f} s with compilation"
+        return (precision, mode, batch, spe, steps, f"{samples / total:.2f}",
+                f"{1000 * total / steps:.0f}", f"{100 * read / total:.0f}%", compute, note)
+    except Exception as err:  # noqa: BLE001 - report and go on to the next one
+        return (precision, mode, batch, spe, "-", "-", "-", "-", "-",
+                f"{type(err).__name__}: {str(err).splitlines()[0][:80]}")
 
 
 if __name__ == "__main__":

@@ -157,6 +157,25 @@ def test_same_seed_same_weights(cohort, trained):
     assert second["registered_model"] is None and second["run_id"] != first["run_id"]
 
 
+def test_steps_per_execution_trains_the_same_model(cohort, trained):
+    """Several steps per compiled call (the GPU setting) is a speed option, not another model:
+    the weights match the one-step run, and the setting is recorded in MLflow."""
+    import keras
+    import mlflow
+
+    root, rois, _ = cohort
+    out = root / "models" / "spe"
+    assert main(train_args(root, rois, out, "--no-register", "--steps-per-execution", "3")) == 0
+    a = keras.saving.load_model(trained[0] / "model.keras").get_weights()
+    b = keras.saving.load_model(out / "model.keras").get_weights()
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+    run = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}").get_run(
+        json.loads((out / "run.json").read_text())["run_id"])
+    assert run.data.params["steps_per_execution"] == "3"
+
+
 def test_finetune_from_pretrained(cohort, trained):
     import keras
 

@@ -184,7 +184,8 @@ class RoiDataset(keras.utils.PyDataset):
 
     # ---- reading --------------------------------------------------------------------------
     def read(self, i: int) -> np.ndarray:
-        """The float32 (D, H, W) volume of patient ``i`` (from the cache when it holds it)."""
+        """The (D, H, W) volume of patient ``i`` as stored (float16 from the roi stage), from the
+        cache when it holds it; batches convert it to float32 as they are filled."""
         if self.cache_size:
             with self._lock:
                 hit = self._cache.get(i)
@@ -193,7 +194,7 @@ class RoiDataset(keras.utils.PyDataset):
                     return hit
         path = self.paths[i]
         try:
-            volume = np.asarray(read_array(path), dtype=np.float32)
+            volume = np.asarray(read_array(path))
         except Exception as err:  # noqa: BLE001 - name the patient and the store
             raise CovidctError(f"cannot read ROI store ({err})", patient=patient_of(path),
                                path=path) from err
@@ -227,6 +228,7 @@ class RoiDataset(keras.utils.PyDataset):
         volume = self.read(i)
         aug = self.augment
         if aug is not None:
+            volume = np.asarray(volume, dtype=np.float32)          # scipy.ndimage: no float16
             rng = np.random.default_rng([self.seed, self.epoch if epoch is None else epoch, i,
                                          0xA06])
             if aug.non_lung > 0 and rng.random() < aug.non_lung:
@@ -241,12 +243,16 @@ class RoiDataset(keras.utils.PyDataset):
 
         start = time.perf_counter()
         idx = self.batch_indices(index)
-        volumes = [self.sample(int(i)) for i in idx]
-        shapes = {v.shape for v in volumes}
-        if len(shapes) > 1:
-            raise CovidctError(f"ROI stores of one batch differ in shape: {sorted(shapes)}",
-                               path=", ".join(str(self.paths[i]) for i in idx))
-        x = np.stack(volumes)[..., None].astype(np.float32, copy=False)
+        x = None
+        for j, i in enumerate(idx):
+            volume = self.sample(int(i))
+            if x is None:
+                x = np.empty((len(idx),) + volume.shape + (1,), dtype=np.float32)
+            elif volume.shape != x.shape[1:4]:
+                raise CovidctError(f"ROI stores of one batch differ in shape: {x.shape[1:4]} and "
+                                   f"{volume.shape}", path=", ".join(str(self.paths[k])
+                                                                     for k in idx))
+            x[j, ..., 0] = volume                      # one pass: converts to float32 in place
         out: tuple = (x,)
         if self.labels is not None:
             y = self.labels[idx].reshape(-1, 1)

@@ -210,7 +210,8 @@ def train_params(name, sites, class_weight=True):
                  f" --augment-blur {TRAINING['augment_blur']}") if TRAINING["augment"] else "",
         tracking=TRACKING,
         t={k: TRAINING[k] for k in ("batch_size", "lr", "lr_factor", "lr_patience", "val_fraction",
-                                    "seed", "mixed_precision", "workers", "bn_momentum")},
+                                    "seed", "mixed_precision", "workers", "bn_momentum",
+                                    "steps_per_execution")},
     )
 
 
@@ -222,7 +223,8 @@ TRAIN_SHELL = (
     " --bn-momentum {params.t[bn_momentum]}"
     " {params.class_weight} --val-fraction {params.t[val_fraction]} --seed {params.t[seed]}"
     " {params.augment} --mixed-precision {params.t[mixed_precision]}"
-    " --workers {params.t[workers]} --tag rule={params.name} --tag sites={params.sites}"
+    " --workers {params.t[workers]} --steps-per-execution {params.t[steps_per_execution]}"
+    " --tag rule={params.name} --tag sites={params.sites}"
     " {params.tracking} > {log} 2>&1"
 )
 

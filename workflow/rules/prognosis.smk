@@ -29,7 +29,7 @@ rule prognosis:
         " --out-dir {params.out_dir} --tables-dir {params.tables_dir}"
         " --selection {params.p[selection]} --p-enter {params.p[p_enter]} --p-stay {params.p[p_stay]}"
         " --max-features {params.p[max_features]} --events-per-feature {params.p[events_per_feature]}"
-        " --penalizer {params.p[penalizer]}"
+        " --penalizer {params.p[penalizer]} --ridge-penalizer {params.p[ridge_penalizer]}"
         " --min-events {params.p[min_events]}"
         " {params.tracking} > {log} 2>&1"
 
