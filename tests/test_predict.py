@@ -127,6 +127,7 @@ def test_nifti_cli_matches_the_workflow_stages(tmp_path, real_data, model_files)
     assert out["roi"]["bbox"] == stored.attrs["bbox"] and out["roi"]["size"] == list(SIZE)
     assert out["roi"]["fallback"] is False
     assert out["roi"]["clip_hu"] == stored.attrs["clip_hu"]
+    assert out["roi"]["antialias"] is True and out["roi"]["min_pixels"] == 60  # no run.json: defaults
     p, f = model_outputs(model_path, stored.read())
     assert out["probability"] == pytest.approx(p, rel=1e-5, abs=1e-6)
     np.testing.assert_allclose(out["dl_feature"], f, rtol=1e-4, atol=1e-5)
@@ -186,6 +187,33 @@ def test_dicom_roi_is_identical_to_the_roi_stage_and_no_identity_leaks(tmp_path,
     for field, value in PLANTED.items():
         for part in value.lower().split("^"):            # names: family^given
             assert part not in text, f"{field} leaked"
+
+
+def test_roi_settings_follow_the_models_run_json(tmp_path, real_data, model_files):
+    """A model trained on ROIs made without anti-aliasing and with a 30-voxel minimum (as
+    run.json records) gets such a ROI from `covidct predict` unless told otherwise."""
+    import shutil
+
+    model_path = tmp_path / "m" / "model.keras"
+    model_path.parent.mkdir()
+    shutil.copy(model_files[0], model_path)
+    (model_path.parent / "run.json").write_text(json.dumps(
+        {"run_id": "x", "roi": {"antialias": False, "min_pixels": 30}}))
+    scan = real_data / "covid_ct_md" / "P001_ct_bin4x4x1.nii.gz"
+    proc = run_cli(str(scan), "--model", str(model_path))
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["roi"]["antialias"] is False and out["roi"]["min_pixels"] == 30
+    assert "from the model's training ROIs" in proc.stderr
+    stored = stage_roi(tmp_path, scan, "--no-antialias", "--min-pixels", "30")
+    assert out["roi"]["bbox"] == stored.attrs["bbox"]
+    p, _ = model_outputs(model_path, stored.read())
+    assert out["probability"] == pytest.approx(p, rel=1e-5, abs=1e-6)
+    # given on the command line it wins, with a warning
+    proc = run_cli(str(scan), "--model", str(model_path), "--antialias")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["roi"]["antialias"] is True
+    assert "were made with False" in proc.stderr
 
 
 def test_missing_scan_exits_2_with_nothing_on_stdout(tmp_path, model_files, capsys):

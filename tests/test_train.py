@@ -40,7 +40,8 @@ def make_cohort(root: Path, n: int, seed: int, task: str = "covid", shape=SHAPE)
             c = [rng.integers(5, s - 5) for s in shape]
             v[(zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2 < 36] += 4.0
         path = root / "patients" / site / patient / "roi.zarr"
-        write_image(path, v.astype(np.float16), spacing=(1.0, 1.0, 1.0))
+        write_image(path, v.astype(np.float16), spacing=(1.0, 1.0, 1.0),
+                    attrs={"antialias": True, "rules": {"min_pixels": 30}})   # as the roi stage
         label = ("covid" if y else "viral") if task == "covid" else \
             ("egfr_mutant" if y else "egfr_wildtype")
         rows.append(f"{patient}\t{site}\t/data/{patient}\t{task}\t{label}")
@@ -98,6 +99,22 @@ def test_outputs_and_run_record(cohort, trained):
     assert record["backend"] == "tensorflow"
     assert record["registered_model"] == "covidct-pretrain_test" and record["version"] >= 1
     assert record["model_uri"].startswith("models:/")
+    # how the training ROIs were made, for `covidct predict` to make its ROI the same way
+    assert record["roi"] == {"antialias": True, "min_pixels": 30}
+
+
+def test_training_roi_settings_disagreeing_or_unrecorded(tmp_path):
+    from covidct.train import training_roi_settings
+
+    paths = []
+    for i, attrs in enumerate([{"antialias": True, "rules": {"min_pixels": 30}},
+                               {"antialias": False, "rules": {"min_pixels": 30}}, {}]):
+        paths.append(tmp_path / f"P{i}" / "roi.zarr")
+        write_image(paths[-1], np.zeros((4, 8, 8), np.float16), spacing=(1.0, 1.0, 1.0),
+                    attrs=attrs)
+    assert training_roi_settings(paths[:2]) == {"antialias": None, "min_pixels": 30}
+    assert training_roi_settings(paths[:1]) == {"antialias": True, "min_pixels": 30}
+    assert training_roi_settings(paths[2:]) == {"antialias": None, "min_pixels": None}
 
 
 def test_learns_the_easy_signal(cohort, trained, tmp_path):

@@ -559,7 +559,9 @@ def predict_scan(scan: str | Path, model_path: str | Path, *, cox_path: str | Pa
         "roi": {"bbox": roi_attrs["bbox"], "bbox_convention": roi_attrs["bbox_convention"],
                 "size": roi_attrs["size"], "fallback": roi_attrs["fallback"],
                 "reason": roi_attrs["reason"], "lung_volume_ml": roi_attrs["lung_volume_ml"],
-                "clip_hu": roi_attrs["clip_hu"], "clamp_hu": roi_attrs["clamp_hu"]},
+                "clip_hu": roi_attrs["clip_hu"], "clamp_hu": roi_attrs["clamp_hu"],
+                "antialias": roi_attrs["antialias"],
+                "min_pixels": roi_attrs["rules"]["min_pixels"]},
         "input": pre["input"],
         "segmentation": segmentation,
         "saliency": None if saliency_path is None else str(saliency_path),
@@ -598,15 +600,17 @@ def add_arguments_predict(parser) -> None:
                         help="lung segmentation method (%(default)s)")
     parser.add_argument("--segmenter", type=Path, default=None, metavar="SEG.keras",
                         help="trained lung FPN for --segmentation fpn")
-    parser.add_argument("--min-pixels", type=int, default=60,
+    parser.add_argument("--min-pixels", type=int, default=None,
                         help="reject lung boxes narrower in-plane than this many voxels "
-                             "(%(default)s)")
+                             "(default: as the model's training ROIs, from the run.json beside "
+                             "it; else 60, the paper's)")
     parser.add_argument("--allow-fallback", action="store_true",
                         help="on a failed segmentation crop the body's bounding box instead of "
                              "failing (recorded as roi.fallback)")
-    parser.add_argument("--antialias", action=argparse.BooleanOptionalAction, default=True,
-                        help="anti-aliased ROI resize, as the workflow's roi.antialias (default "
-                             "on); it must match how the model's training ROIs were made")
+    parser.add_argument("--antialias", action=argparse.BooleanOptionalAction, default=None,
+                        help="anti-aliased ROI resize, as the workflow's roi.antialias; it must "
+                             "match how the model's training ROIs were made (default: as "
+                             "recorded in the run.json beside the model; else on)")
     parser.add_argument("--rescale-intercept", type=float, default=None,
                         help="as in covidct ingest: add this to images without any voxel below 0")
     parser.add_argument("--threads", type=int, default=0,
@@ -616,21 +620,55 @@ def add_arguments_predict(parser) -> None:
                              "TensorFlow starts (slower; for debugging)")
 
 
+ROI_DEFAULTS = {"min_pixels": 60, "antialias": True}
+
+
+def roi_settings(model_path: str | Path, given: dict) -> dict:
+    """The ROI settings to predict with: each one as ``given`` on the command line, else as the
+    model's training ROIs were made (``roi`` in the run.json that ``covidct train`` writes beside
+    model.keras), else :data:`ROI_DEFAULTS`. A given value that differs from the recorded one is
+    kept, with a warning: the model never saw ROIs made that way."""
+    import json
+
+    recorded = {}
+    run_json = Path(model_path).parent / "run.json"
+    if run_json.is_file():
+        try:
+            recorded = json.loads(run_json.read_text()).get("roi") or {}
+        except (OSError, ValueError, AttributeError) as err:
+            log.warning("%s: unreadable (%s); ROI settings from the command line or defaults",
+                        run_json, err)
+    settings = {}
+    for key, default in ROI_DEFAULTS.items():
+        value, known = given.get(key), recorded.get(key)
+        if value is None:
+            settings[key] = default if known is None else known
+            source = "default" if known is None else f"the model's training ROIs ({run_json})"
+            log.info("ROI %s = %s, from %s", key, settings[key], source)
+        else:
+            settings[key] = value
+            if known is not None and known != value:
+                log.warning("ROI %s = %s as given, but the model's training ROIs were made "
+                            "with %s (%s)", key, value, known, run_json)
+    return settings
+
+
 def run_predict(args) -> int:
     import contextlib
     import json
     import sys
 
     set_predict_threads(args.threads)
+    roi = roi_settings(args.model, {"min_pixels": args.min_pixels, "antialias": args.antialias})
     # anything a library prints goes to stderr: stdout holds the JSON object only
     with contextlib.redirect_stdout(sys.stderr):
         result = predict_scan(
             args.scan, args.model, cox_path=args.cox, age=args.age, sex=args.sex,
             comorbidity=args.comorbidity, saliency_path=args.saliency,
             segmentation=args.segmentation, segmenter=args.segmenter, threshold=args.threshold,
-            allow_fallback=args.allow_fallback, min_pixels=args.min_pixels,
+            allow_fallback=args.allow_fallback, min_pixels=roi["min_pixels"],
             ingest_options={"rescale_intercept": args.rescale_intercept},
-            parallel=args.parallel, antialias=args.antialias)
+            parallel=args.parallel, antialias=roi["antialias"])
     sys.stdout.write(json.dumps(result, allow_nan=False) + "\n")
     sys.stdout.flush()
     return 0

@@ -301,6 +301,28 @@ def _epoch_callback(keras, *, val_data, val_y, epochs: int, select: str, tracker
     return EpochEnd()
 
 
+def training_roi_settings(rois: Sequence[str | Path]) -> dict:
+    """The roi-stage settings the training ROIs were made with, from their attributes.
+
+    ``{"antialias": bool, "min_pixels": int}``, a value None where the stores do not record it
+    or disagree. run.json keeps it so that ``covidct predict`` makes its ROI the same way.
+    """
+    from covidct.zarrio import open_image
+
+    seen: dict[str, set] = {"antialias": set(), "min_pixels": set()}
+    for roi in rois:
+        attrs = open_image(roi).attrs
+        seen["antialias"].add(attrs.get("antialias"))
+        seen["min_pixels"].add((attrs.get("rules") or {}).get("min_pixels"))
+    settings = {}
+    for key, values in seen.items():
+        settings[key] = next(iter(values)) if len(values) == 1 else None
+        if len(values) > 1:
+            log.warning("the training ROIs were made with different %s (%s): not recorded",
+                        key, ", ".join(map(str, sorted(values, key=str))))
+    return settings
+
+
 # ---- the stage -------------------------------------------------------------------------------
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -325,6 +347,7 @@ def run(args: argparse.Namespace) -> int:
         raise CovidctError(f"ROI shape {'x'.join(map(str, s2))} differs from patient {p1}'s "
                            f"{'x'.join(map(str, s1))}", patient=p2, path=r2)
     input_shape = next(iter(shapes))
+    roi_settings = training_roi_settings(table["roi"])
     train_idx, val_idx = stratified_split(table["y"].to_numpy(), args.val_fraction, args.seed)
     train_t, val_t = table.iloc[train_idx], table.iloc[val_idx]
     if len(train_t) == 0:
@@ -374,6 +397,7 @@ def run(args: argparse.Namespace) -> int:
         "n_val": len(val_t), "n_train_positive": int(train_t["y"].sum()),
         "n_val_positive": int(val_t["y"].sum()), "sites": ",".join(sites), "backend": backend,
         "keras_version": keras.__version__, "n_params": int(model.count_params()),
+        **{f"roi_{k}": "unknown" if v is None else v for k, v in roi_settings.items()},
     }
     tags = {"rule": args.name, "task": args.task, "sites": ",".join(sites)}
     tags.update(user_tags)
@@ -432,7 +456,7 @@ def run(args: argparse.Namespace) -> int:
             "val_auc": None if math.isnan(val_auc) else val_auc, "n_train": len(train_t),
             "n_val": len(val_t), "input_shape": list(input_shape), "backend": backend,
             "selected_epoch": epoch_end.best_epoch, "init": params["init"],
-            "init_digest": init_digest,
+            "init_digest": init_digest, "roi": roi_settings,
         }
     with atomic_path(run_json) as tmp:
         tmp.write_text(json.dumps(record, indent=2) + "\n")
