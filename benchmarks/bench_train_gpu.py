@@ -90,16 +90,19 @@ def build(keras, size, policy, steps_per_execution=1):
     return model
 
 
+def repeat_to(paths, labels, n: int) -> tuple[list, list]:
+    """The stores (and labels) repeated to ``n`` patients: enough for the timed batches."""
+    reps = -(-n // len(paths))
+    return (list(paths) * reps)[:n], (list(labels) * reps)[:n]
+
+
 def bench_read(paths, labels, args, batch):
     from concurrent.futures import ThreadPoolExecutor
 
     from covidct.dataset import RoiDataset
 
     steps = args.steps
-    reps = -(-steps * batch // len(paths))
-    many = (list(paths) * reps)[:steps * batch]
-    ys = (list(labels) * reps)[:steps * batch]
-    ds = RoiDataset(many, ys, batch_size=batch, shuffle=True)
+    ds = RoiDataset(*repeat_to(paths, labels, steps * batch), batch_size=batch, shuffle=True)
     with ThreadPoolExecutor(args.workers) as pool:
         start = time.perf_counter()
         for _ in pool.map(ds.__getitem__, range(len(ds))):
@@ -135,21 +138,15 @@ def bench_fit(keras, paths, labels, args, policy, batch, spe, cached=False):
 
     steps = max(spe, args.steps // spe * spe)
     model = build(keras, args.size, policy, steps_per_execution=spe)
-    reps = -(-steps * batch // len(paths))                 # enough patients for `steps` batches
-    many = (list(paths) * reps)[:steps * batch]
-    ys = (list(labels) * reps)[:steps * batch]
+    many, ys = repeat_to(paths, labels, steps * batch)
     warm = RoiDataset(many[:spe * batch], ys[:spe * batch], batch_size=batch,
                       workers=args.workers)
     model.fit(warm, epochs=1, verbose=0, shuffle=False)     # compiles the multi-step function
     ds = RoiDataset(many, ys, batch_size=batch, workers=args.workers, shuffle=True,
-                    cache=len(paths) if cached else 0)
-    if cached:
-        # the cache is keyed by index into `many`; alias the repeats to one decoded volume each
-        volumes = [ds.read(i) for i in range(len(paths))]
-        ds.cache_size = len(many)
+                    cache=len(many) if cached else 0)
+    if cached:                                  # decode every volume into the cache first
         for i in range(len(many)):
-            ds._cache[i] = volumes[i % len(paths)]
-        ds.read_seconds = 0.0
+            ds.read(i)
     start = time.perf_counter()
     model.fit(ds, epochs=1, verbose=0, shuffle=False)
     total = time.perf_counter() - start

@@ -104,6 +104,7 @@ def test_outputs_and_run_record(cohort, trained):
 
 
 def test_training_roi_settings_disagreeing_or_unrecorded(tmp_path):
+    from covidct.dataset import roi_metadata
     from covidct.train import training_roi_settings
 
     paths = []
@@ -112,6 +113,7 @@ def test_training_roi_settings_disagreeing_or_unrecorded(tmp_path):
         paths.append(tmp_path / f"P{i}" / "roi.zarr")
         write_image(paths[-1], np.zeros((4, 8, 8), np.float16), spacing=(1.0, 1.0, 1.0),
                     attrs=attrs)
+    paths = [roi_metadata(p)[1] for p in paths]               # the stores' attributes
     assert training_roi_settings(paths[:2]) == {"antialias": None, "min_pixels": 30}
     assert training_roi_settings(paths[:1]) == {"antialias": True, "min_pixels": 30}
     assert training_roi_settings(paths[2:]) == {"antialias": None, "min_pixels": None}
@@ -363,7 +365,7 @@ def test_dataset_non_lung_randomisation(labelled, indexed):
         randomise_non_lung(np.zeros((2, 3, 4)), np.zeros((2, 3, 5)), np.random.default_rng(0))
 
 
-def test_dataset_blur_and_noise(labelled):
+def test_dataset_blur_and_noise():
     from covidct.dataset import Augment, blur_and_noise
 
     v = np.zeros((3, 21, 21), np.float32)

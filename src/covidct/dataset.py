@@ -53,17 +53,18 @@ def patient_of(roi_path: str | Path) -> str:
     return Path(roi_path).resolve().parent.name
 
 
-def roi_shape(roi_path: str | Path) -> tuple[int, int, int]:
-    """The (D, H, W) of a ROI store, read from its metadata (no voxels read)."""
+def roi_metadata(roi_path: str | Path) -> tuple[tuple[int, int, int], dict]:
+    """The (D, H, W) and the attributes of a ROI store, read from its metadata (no voxels)."""
     try:
-        shape = tuple(int(s) for s in open_image(roi_path).array.shape)
+        image = open_image(roi_path)
+        shape = tuple(int(s) for s in image.array.shape)
     except Exception as err:  # noqa: BLE001 - any unreadable store is a user-data error
         raise CovidctError(f"cannot open ROI store ({err})", patient=patient_of(roi_path),
                            path=roi_path) from err
     if len(shape) != 3:
         raise CovidctError(f"ROI must be 3-D (D, H, W), found shape {shape}",
                            patient=patient_of(roi_path), path=roi_path)
-    return shape  # type: ignore[return-value]
+    return shape, dict(image.attrs)  # type: ignore[return-value]
 
 
 def slicewise_affine(volume: np.ndarray, rng: np.random.Generator,

@@ -564,6 +564,7 @@ def run(args: argparse.Namespace) -> int:
     import keras
 
     from covidct.tracking import DEFAULT_TRACKING_URI
+    from covidct.roi import crop_to_box
     from covidct.zarrio import atomic_path, read_label
 
     out = Path(args.out_dir)
@@ -638,10 +639,9 @@ def run(args: argparse.Namespace) -> int:
             if lung_img is not None and ct_path is not None and ct_path.exists() \
                     and not roi_img.attrs.get("fallback"):
                 try:
-                    z0, z1, y0, y1, x0, x1 = roi_bbox(roi_img.attrs)
-                    ct_box = np.asarray(_read_store(ct_path, patient, "CT")
-                                        .array[z0:z1, y0:y1, x0:x1])
-                    lung_box = np.asarray(lung_img.array[z0:z1, y0:y1, x0:x1]) != 0
+                    bbox = roi_bbox(roi_img.attrs)
+                    ct_box = crop_to_box(_read_store(ct_path, patient, "CT").array, bbox)
+                    lung_box = crop_to_box(lung_img.array, bbox) != 0
                     ct_grad = saliency_on_ct(grad, ct_box, lung_box, roi_img.attrs)
                 except (KeyError, ValueError) as err:
                     raise CovidctError(f"cannot take the saliency back to the CT: {err}",

@@ -327,7 +327,7 @@ def preprocess_scan(scan: str | Path, size, *, segmentation: str = "threshold",
     """
     import time
 
-    from covidct.roi import RoiRejected, SegmentationFailed, roi_from_arrays
+    from covidct.roi import RoiRejected, SegmentationFailed, crop_to_box, roi_from_arrays
 
     scan = Path(scan)
     seconds = {}
@@ -359,9 +359,8 @@ def preprocess_scan(scan: str | Path, size, *, segmentation: str = "threshold",
         from covidct.explain import lung_mask_in_roi
 
         out["lung_roi"] = lung_mask_in_roi(mask, attrs["bbox"], roi.shape)
-        z0, z1, y0, y1, x0, x1 = attrs["bbox"]        # for the saliency on the scan's voxels
-        out["ct_box"] = np.array(ct[z0:z1, y0:y1, x0:x1])
-        out["lung_box"] = np.array(mask[z0:z1, y0:y1, x0:x1] != 0)
+        out["ct_box"] = crop_to_box(ct, attrs["bbox"])   # for the saliency on the scan's voxels
+        out["lung_box"] = crop_to_box(mask, attrs["bbox"]) != 0
     if keep_arrays:
         out["ct"], out["mask"] = ct, mask
     return out

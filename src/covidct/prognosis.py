@@ -43,7 +43,7 @@ import numpy as np
 import pandas as pd
 
 from covidct.errors import CovidctError
-from covidct.survival import RIDGE_GRID
+from covidct.survival import RIDGE_FOLDS, RIDGE_GRID, RIDGE_REPEATS
 
 log = logging.getLogger(__name__)
 
@@ -166,8 +166,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ridge-penalizer", type=ridge_penalizer_arg, default="auto",
                         metavar="auto|X",
                         help="L2 penalizer of --selection ridge: a positive number, or auto "
-                             "(default): chosen by 5-fold cross-validated partial likelihood on "
-                             "the training patients among " + ", ".join(f"{g:g}" for g in RIDGE_GRID))
+                             f"(default): chosen by {RIDGE_FOLDS}-fold cross-validated partial "
+                             "likelihood on the training patients among " + ", ".join(f"{g:g}" for g in RIDGE_GRID))
     parser.add_argument("--p-enter", type=float, default=0.05, help="entry level (default 0.05)")
     parser.add_argument("--p-stay", type=float, default=0.10, help="stay level (default 0.10)")
     parser.add_argument("--ic-penalty", type=float, default=2.0,
@@ -433,10 +433,10 @@ def fit_prognosis_model(train: pd.DataFrame, features: Sequence[str], *, selecti
                                                                 seed=seed)
             except survival.SurvivalError as err:
                 raise CovidctError(f"ridge Cox model: {err} (--ridge-penalizer)") from err
-            ridge_cv = {"k": 5, "repeats": 3, "seed": int(seed),
+            ridge_cv = {"k": RIDGE_FOLDS, "repeats": RIDGE_REPEATS, "seed": int(seed),
                         "score": "mean held-out partial log-likelihood per patient",
                         "grid": list(scores), "scores": list(scores.values())}
-            how = ("chosen by 5-fold cross-validated partial likelihood ("
+            how = (f"chosen by {RIDGE_FOLDS}-fold cross-validated partial likelihood ("
                    + ", ".join(f"{k:g}: {v:.3f}" for k, v in scores.items()) + ")")
         else:
             penalizer, how = float(ridge_penalizer), "as configured"

@@ -226,14 +226,20 @@ def resize_nearest(array: np.ndarray, shape) -> np.ndarray:
     return array[np.ix_(*idx)]
 
 
+def crop_to_box(array, bbox) -> np.ndarray:
+    """``array[z0:z1, y0:y1, x0:x1]`` for ``bbox`` = (z0, z1, y0, y1, x0, x1) as a numpy array
+    (a Zarr array reads only the box); ValueError if the box does not lie inside ``array``."""
+    z0, z1, y0, y1, x0, x1 = (int(v) for v in bbox)
+    shape = array.shape
+    if z0 < 0 or y0 < 0 or x0 < 0 or z1 > shape[0] or y1 > shape[1] or x1 > shape[2]:
+        raise ValueError(f"bounding box {tuple(bbox)} lies outside the array {tuple(shape)}")
+    return np.asarray(array[z0:z1, y0:y1, x0:x1])
+
+
 def lung_in_roi(mask: np.ndarray, bbox, size) -> np.ndarray:
     """The lung mask on the ROI's grid (uint8 0/1): cropped to ``bbox``, nearest-resized to
     ``size``. Stored as the ``lung`` label of roi.zarr; augmentation and saliency use it."""
-    z0, z1, y0, y1, x0, x1 = (int(v) for v in bbox)
-    shape = mask.shape
-    if z0 < 0 or y0 < 0 or x0 < 0 or z1 > shape[0] or y1 > shape[1] or x1 > shape[2]:
-        raise ValueError(f"bounding box {tuple(bbox)} lies outside the lung mask {shape}")
-    crop = np.asarray(mask[z0:z1, y0:y1, x0:x1]) != 0
+    crop = crop_to_box(mask, bbox) != 0
     return resize_nearest(crop, [int(s) for s in size]).astype(np.uint8)
 
 

@@ -242,10 +242,12 @@ def stepwise_select(df: pd.DataFrame, duration: str, event: str, candidates: Seq
 
 
 RIDGE_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
+RIDGE_FOLDS, RIDGE_REPEATS = 5, 3
 
 
 def ridge_penalizer_cv(df: pd.DataFrame, duration: str, event: str, covariates: Sequence[str],
-                       grid: Sequence[float] = RIDGE_GRID, k: int = 5, repeats: int = 3,
+                       grid: Sequence[float] = RIDGE_GRID, k: int = RIDGE_FOLDS,
+                       repeats: int = RIDGE_REPEATS,
                        seed: int = 0) -> tuple[float, dict[float, float]]:
     """The L2 penalizer of a Cox model on all ``covariates`` with the best cross-validated fit.
 

@@ -28,7 +28,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -301,17 +301,14 @@ def _epoch_callback(keras, *, val_data, val_y, epochs: int, select: str, tracker
     return EpochEnd()
 
 
-def training_roi_settings(rois: Sequence[str | Path]) -> dict:
-    """The roi-stage settings the training ROIs were made with, from their attributes.
+def training_roi_settings(roi_attrs: Sequence[Mapping]) -> dict:
+    """The roi-stage settings the training ROIs were made with, from their stores' attributes.
 
     ``{"antialias": bool, "min_pixels": int}``, a value None where the stores do not record it
     or disagree. run.json keeps it so that ``covidct predict`` makes its ROI the same way.
     """
-    from covidct.zarrio import open_image
-
     seen: dict[str, set] = {"antialias": set(), "min_pixels": set()}
-    for roi in rois:
-        attrs = open_image(roi).attrs
+    for attrs in roi_attrs:
         seen["antialias"].add(attrs.get("antialias"))
         seen["min_pixels"].add((attrs.get("rules") or {}).get("min_pixels"))
     settings = {}
@@ -336,18 +333,20 @@ def run(args: argparse.Namespace) -> int:
                            "--steps-per-execution >= 1")
     user_tags = parse_tags(args.tag)
 
-    from covidct.dataset import Augment, RoiDataset, roi_shape
+    from covidct.dataset import Augment, RoiDataset, roi_metadata
 
     table = training_table(args.sheet, args.rois, args.task)
-    shapes = {}
+    shapes, roi_attrs = {}, []
     for patient, roi in zip(table["patient"], table["roi"]):
-        shapes.setdefault(roi_shape(roi), (patient, roi))
+        shape, attrs = roi_metadata(roi)
+        shapes.setdefault(shape, (patient, roi))
+        roi_attrs.append(attrs)
     if len(shapes) > 1:
         (s1, (p1, _)), (s2, (p2, r2)) = list(shapes.items())[:2]
         raise CovidctError(f"ROI shape {'x'.join(map(str, s2))} differs from patient {p1}'s "
                            f"{'x'.join(map(str, s1))}", patient=p2, path=r2)
     input_shape = next(iter(shapes))
-    roi_settings = training_roi_settings(table["roi"])
+    roi_settings = training_roi_settings(roi_attrs)
     train_idx, val_idx = stratified_split(table["y"].to_numpy(), args.val_fraction, args.seed)
     train_t, val_t = table.iloc[train_idx], table.iloc[val_idx]
     if len(train_t) == 0:
