@@ -1,6 +1,6 @@
-"""Benchmark of the DenseNet121-FPN lung segmenter (covidct.fpn). Prints its figures.
+"""Benchmark of the DenseNet121-FPN lung segmenter. Prints its figures.
 
-(a) trains the FPN on N scans of the synthetic cohort (covidct.synth.make_patient with the
+(a) trains the FPN on N scans of the synthetic cohort (synth.patient.make_patient with the
     ``synthetic:`` section of config/config.yaml, exact lung masks), or loads ``--model``;
 (b) prints the Dice of its mask on the real COPDGene case (CIP ct-64.nrrd against the
     independent wholeLung-64.nrrd, both reoriented to LPS);
@@ -27,16 +27,16 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 REPO = Path(__file__).resolve().parents[1]
-REAL = Path(os.environ.get("COVIDCT_REAL_DATA", REPO.parent / "shared" / "data" / "real"))
+REAL = Path(os.environ.get("COVIDCT_REAL_DATA", REPO / "tests" / "data" / "real"))
 
 
 def synthetic_rows(n: int, config: Path):
     """The first ``n`` patients of the synthetic cohort, taken round-robin over its sites."""
     import yaml
 
-    from covidct import synth
+    from covidct.synth.cohort import cohort_table
 
-    table = synth.cohort_table(yaml.safe_load(config.read_text()))
+    table = cohort_table(yaml.safe_load(config.read_text()))
     by_site = [g for _, g in table.groupby("site", sort=False)]
     rows, i = [], 0
     while len(rows) < n and any(i < len(g) for g in by_site):
@@ -48,38 +48,47 @@ def synthetic_rows(n: int, config: Path):
 def train(args) -> Path:
     import numpy as np
 
-    from covidct import fpn, synth
+    from covidct.model.segmenter import prepare_volume, train_segmenter
+    from covidct.params import SegmenterTrainParams, TrackingParams
+    from covidct.synth.patient import make_patient
 
     t0 = time.perf_counter()
     volumes = []
     for row in synthetic_rows(args.n, args.config):
-        ct, mask, spacing, _ = synth.make_patient(row)
-        volumes.append(fpn.prepare_volume(row["patient"], ct, mask, args.size, spacing,
-                                          args.fov_mm))
+        ct, mask, spacing, _ = make_patient(row)
+        volumes.append(prepare_volume(row["patient"], ct, mask, args.size, spacing,
+                                      args.fov_mm))
     n_slices = sum(v.image.shape[0] for v in volumes)
     print(f"synthetic scans: {len(volumes)} ({n_slices} slices, field of view "
           f"{args.fov_mm or 'whole slice'} mm, lung fraction "
           f"{np.mean([v.mask.mean() for v in volumes]):.3f}) made in "
           f"{time.perf_counter() - t0:.0f} s", flush=True)
     t0 = time.perf_counter()
-    record = fpn.train_segmenter(
-        [], [], args.out / "model", epochs=args.epochs, batch_size=args.batch_size,
-        size=args.size, slices_per_scan=args.slices_per_scan, lr=args.lr, seed=args.seed,
-        val_fraction=0.2, tracking_uri=f"sqlite:///{args.out}/mlflow.db",
-        experiment="bench-fpn", volumes=volumes)
+    params = SegmenterTrainParams(epochs=args.epochs, batch_size=args.batch_size, size=args.size,
+                                  slices_per_scan=args.slices_per_scan, lr=args.lr,
+                                  seed=args.seed, fov_mm=args.fov_mm)
+    record = train_segmenter(params, args.out / "model", volumes=volumes,
+                             tracking=TrackingParams(f"sqlite:///{args.out}/mlflow.db",
+                                                     "bench-fpn"))
     print(f"training: {args.epochs} epochs in {time.perf_counter() - t0:.0f} s, "
           f"selected epoch {record['selected_epoch']}, val_dice {record['val_dice']:.4f}",
           flush=True)
-    for h in record["history"]:
-        print(f"  epoch {h['epoch']}: loss {h['loss']:.4f} val_dice {h.get('val_dice', float('nan')):.4f}"
-              f" ({h['seconds']:.0f} s)")
+    import pandas as pd
+
+    for h in pd.read_csv(args.out / "model" / record["history"]).to_dict("records"):
+        print(
+            f"  epoch {h['epoch']}: loss {h['loss']:.4f} "
+            f"val_dice {h.get('val_dice', float('nan')):.4f}"
+            f" ({h['seconds']:.0f} s)"
+        )
     return args.out / "model" / "model.keras"
 
 
 def copdgene_dice(model: Path) -> None:
     import SimpleITK as sitk
 
-    from covidct import fpn
+    from covidct.preprocess import lung_fpn
+    from covidct.preprocess.morphology import dice
 
     folder = REAL / "cip_copdgene"
     ct_img = sitk.DICOMOrient(sitk.ReadImage(str(folder / "ct-64.nrrd")), "LPS")
@@ -88,13 +97,13 @@ def copdgene_dice(model: Path) -> None:
     ref = sitk.GetArrayFromImage(ref_img) > 0
     t0 = time.perf_counter()
     spacing_yx = tuple(ct_img.GetSpacing()[::-1])[1:]
-    prob = fpn.predict_probability(ct, fpn.load_model(model), batch_size=16,
-                                   spacing_yx=spacing_yx)
-    raw = prob >= fpn.THRESHOLD
-    mask = fpn.postprocess_mask(raw)
+    prob = lung_fpn.predict_probability(ct, lung_fpn.load_model(model), batch_size=16,
+                                        spacing_yx=spacing_yx)
+    raw = prob >= lung_fpn.THRESHOLD
+    mask = lung_fpn.postprocess_mask(raw)
     dt = time.perf_counter() - t0
-    print(f"COPDGene ct-64 ({'x'.join(map(str, ct.shape))} z,y,x): Dice {fpn.dice(mask, ref):.4f} "
-          f"(before post-processing {fpn.dice(raw, ref):.4f}); lung {mask.sum()} vs reference "
+    print(f"COPDGene ct-64 ({'x'.join(map(str, ct.shape))} z,y,x): Dice {dice(mask, ref):.4f} "
+          f"(before post-processing {dice(raw, ref):.4f}); lung {mask.sum()} vs reference "
           f"{ref.sum()} voxels; {dt:.1f} s", flush=True)
 
 
@@ -102,18 +111,19 @@ def speed_child(size: int, threads: int, n_slices: int, batch_size: int) -> None
     """Runs in a fresh process: slices/s of predict_probability at ``size``."""
     import numpy as np
 
-    from covidct import fpn
+    from covidct.model.fpn import build_fpn
+    from covidct.model.trainer import set_threads
+    from covidct.preprocess.lung_fpn import predict_probability
 
-    fpn.set_threads(threads)
-    model = fpn.build_fpn(size)
+    set_threads(threads)
+    model = build_fpn(size)
     rng = np.random.default_rng(0)
     ct = rng.normal(-500, 300, (n_slices, 256, 256)).astype(np.int16)   # a 256x256 CT
     spacing_yx = (1.4, 1.4)                        # 256 x 1.4 mm: about the default field
-    fpn.predict_probability(ct[:batch_size * 2], model, batch_size=batch_size, compiled=True,
-                            spacing_yx=spacing_yx)
+    predict_probability(ct[:batch_size * 2], model, batch_size=batch_size, compiled=True,
+                        spacing_yx=spacing_yx)
     t0 = time.perf_counter()
-    fpn.predict_probability(ct, model, batch_size=batch_size, compiled=True,
-                            spacing_yx=spacing_yx)
+    predict_probability(ct, model, batch_size=batch_size, compiled=True, spacing_yx=spacing_yx)
     dt = time.perf_counter() - t0
     print(json.dumps({"size": size, "threads": threads, "slices": n_slices,
                       "slices_per_s": n_slices / dt}))
@@ -137,7 +147,9 @@ def speed(args) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--n", type=int, default=36, help="synthetic scans to train on (%(default)s)")
     p.add_argument("--config", type=Path, default=REPO / "config" / "config.yaml")
     p.add_argument("--epochs", type=int, default=3)
@@ -146,8 +158,8 @@ def main() -> None:
     p.add_argument("--slices-per-scan", type=int, default=24)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--fov-mm", type=float, default=None,
-                   help="in-plane field of view of the network input (default: covidct.fpn's "
-                        "DEFAULT_FOV_MM; 0 = whole slices)")
+                   help="in-plane field of view of the network input (default: the segmenter "
+                        "training's; 0 = whole slices)")
     p.add_argument("--threads", type=int, default=2,
                    help="TensorFlow CPU threads for training and the Dice (%(default)s; 0 = all)")
     p.add_argument("--seed", type=int, default=0)
@@ -165,11 +177,12 @@ def main() -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    from covidct import fpn
+    from covidct.model.trainer import set_threads
+    from covidct.params import SegmenterTrainParams
 
     if args.fov_mm is None:
-        args.fov_mm = fpn.DEFAULT_FOV_MM
-    fpn.set_threads(args.threads)
+        args.fov_mm = SegmenterTrainParams.fov_mm
+    set_threads(args.threads)
     model = args.model or train(args)
     copdgene_dice(model)
     if not args.no_speed:

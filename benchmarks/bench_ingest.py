@@ -1,10 +1,11 @@
 """Benchmark: ingest a 512x512x300 DICOM series on ONE core. Goal: under 3 s.
 
-    .venv/bin/python benchmarks/bench_ingest.py [--slices 300] [--transfer-syntax explicit|rle|jpeg-lossless]
+    .venv/bin/python benchmarks/bench_ingest.py [--slices 300]
+        [--transfer-syntax explicit|rle|jpeg-lossless]
                                                 [--repeats 3] [--profile]
 
 The series (a body-like ellipse with lungs, noise and -2048 padding outside the scan circle) is
-written once with covidct.dicomio and cached under the temp dir. Prints:
+written once with covidct.synth.dicom and cached under the temp dir. Prints:
 - per-step seconds of the in-process ingest (median of --repeats), from the stage's own log;
 - in-process ingest seconds (median) and the whole `covidct ingest` command (start-up included)
   in a fresh process, with its peak RSS (psutil, sampled every 5 ms; getrusage's
@@ -27,7 +28,12 @@ import tempfile
 import time
 from pathlib import Path
 
-for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"):
+for var in (
+    "OMP_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS",
+):
     os.environ[var] = "1"
 
 import numpy as np  # noqa: E402
@@ -38,7 +44,7 @@ def synthetic_volume(nz: int, ny: int = 512, nx: int = 512, seed: int = 0) -> np
     y, x = np.mgrid[0:ny, 0:nx].astype(np.float32)
     cy, cx = ny / 2, nx / 2
     body = ((y - cy) / (0.36 * ny)) ** 2 + ((x - cx) / (0.45 * nx)) ** 2 <= 1
-    lungs = ((((y - cy) / (0.25 * ny)) ** 2 + ((np.abs(x - cx) - 0.2 * nx) / (0.13 * nx)) ** 2) <= 1)
+    lungs = (((y - cy) / (0.25 * ny)) ** 2 + ((np.abs(x - cx) - 0.2 * nx) / (0.13 * nx)) ** 2) <= 1
     field = ((y - cy) ** 2 + (x - cx) ** 2) <= (0.5 * nx) ** 2
     base = np.full((ny, nx), -1000, np.float32)
     base[body] = 40
@@ -53,7 +59,7 @@ def synthetic_volume(nz: int, ny: int = 512, nx: int = 512, seed: int = 0) -> np
 
 def cached_series(nz: int, transfer_syntax: str, bits_stored: int = 16) -> Path:
     """Stored = HU + 2048 (intercept -2048, so the -2048 padding is representable)."""
-    from covidct.dicomio import write_series
+    from covidct.synth.dicom import write_series
 
     folder = (Path(tempfile.gettempdir())
               / f"covidct-bench-ingest-512x512x{nz}-{transfer_syntax}-b{bits_stored}")
@@ -115,34 +121,39 @@ def main() -> int:
     parser.add_argument("--profile", action="store_true", help="cProfile one ingest, top 25")
     args = parser.parse_args()
 
-    from covidct import ingest as ingest_mod
+    from covidct.params import IngestParams
+    from covidct.preprocess import ingest as ingest_mod
 
     series = cached_series(args.slices, args.transfer_syntax, args.bits_stored)
     ingest_mod.set_threads(1)
     steps = StepTimes()
-    logging.getLogger("covidct.ingest").addHandler(steps)
-    logging.getLogger("covidct.ingest").setLevel(logging.INFO)
+    logging.getLogger("covidct.preprocess.ingest").addHandler(steps)
+    logging.getLogger("covidct.preprocess.ingest").setLevel(logging.INFO)
     work = Path(tempfile.mkdtemp(prefix="covidct-bench-out-"))
     try:
         seconds, cpu = [], []
         for i in range(args.repeats):
             out = work / f"ct{i}.zarr"
             t0, c0 = time.perf_counter(), time.process_time()
-            ingest_mod.ingest(series, out, patient="BENCH", clevel=args.clevel)
+            ingest_mod.ingest(series, out, IngestParams(clevel=args.clevel), patient="BENCH")
             seconds.append(time.perf_counter() - t0)
             cpu.append(time.process_time() - c0)
         size = sum(f.stat().st_size for f in (work / "ct0.zarr").rglob("*") if f.is_file())
         raw = args.slices * 512 * 512 * 2
-        print(f"series: 512x512x{args.slices} {args.transfer_syntax}, BitsStored {args.bits_stored}, "
-              f"{raw / 1e6:.0f} MB as int16")
+        print(
+            f"series: 512x512x{args.slices} {args.transfer_syntax}, BitsStored {args.bits_stored}, "
+            f"{raw / 1e6:.0f} MB as int16"
+        )
         for step, values in steps.times.items():
             print(f"  step {step:<6} median wall {statistics.median(v[0] for v in values):.2f} s, "
                   f"cpu {statistics.median(v[1] for v in values):.2f} s")
         print(f"ingest in-process, one core: median {statistics.median(seconds):.2f} s "
               f"(runs {', '.join(f'{s:.2f}' for s in seconds)}); store {size / 1e6:.1f} MB "
               f"(ratio {raw / size:.2f}, zstd clevel {args.clevel})")
-        print(f"ingest CPU time (all threads of the process): median {statistics.median(cpu):.2f} s "
-              f"(robust to other load on the machine; wall above is not)")
+        print(
+            f"ingest CPU time (all threads of the process): median {statistics.median(cpu):.2f} s "
+            f"(robust to other load on the machine; wall above is not)"
+        )
         print(f"load average while measuring: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
 
         exe = Path(sys.executable).with_name("covidct")

@@ -4,7 +4,7 @@
 
 Built once and cached (default: $TMPDIR/covidct_bench_predict):
 - a 512 x 512 x 300 DICOM series (one file a slice) of a synthetic chest phantom
-  (covidct.synth.make_patient with a 512 matrix, 0.7 mm pixels, 1 mm slices);
+  (covidct.synth.patient.make_patient with a 512 matrix, 0.7 mm pixels, 1 mm slices);
 - COVID-19Net at the paper's input size 48x240x360 (covidct.model.covid19net; untrained weights:
   the time does not depend on them), saved as model.keras;
 - a cox.json in the format `covidct prognosis` writes (two DL features + age, sex, comorbidity).
@@ -43,8 +43,8 @@ def build(cache: Path) -> None:
 
     series, model_path, cox_path = cache / "series", cache / "model.keras", cache / "cox.json"
     if not (series / "done").exists():
-        from covidct.dicomio import write_series
-        from covidct.synth import PatientSpec, dicom_header, make_patient
+        from covidct.synth.dicom import write_series
+        from covidct.synth.patient import PatientSpec, dicom_header, make_patient
 
         t = time.perf_counter()
         spec = PatientSpec.from_row({"matrix": SHAPE[1], "pixel_mm": 0.7, "slice_mm": 1.0,
@@ -63,7 +63,7 @@ def build(cache: Path) -> None:
 
         covid19net(PAPER).save(model_path)
     if not cox_path.exists():
-        from covidct.prognosis import DIRECTION
+        from covidct.analysis.prognosis import DIRECTION
 
         rng = np.random.default_rng(0)
         cox = {"direction": DIRECTION,
@@ -76,21 +76,26 @@ def build(cache: Path) -> None:
 
 def steps(cache: Path, threads: int) -> dict:
     """The in-process steps, each timed, in this (fresh) process."""
-    from covidct.predict import (load_ct, load_feature_model, segment_ct,
-                                 set_predict_threads)
+    from covidct.inference.scan import set_predict_threads
+    from covidct.model.saved import load_feature_model
+    from covidct.params import RoiParams
+    from covidct.preprocess.ingest import load_ct
+    from covidct.preprocess.roi import lung_in_roi, roi_from_arrays
+    from covidct.preprocess.segment import lung_mask
 
     set_predict_threads(threads)
     out = {}
     t = time.perf_counter()
-    ct, spacing, _ = load_ct(cache / "series")
+    loaded = load_ct(cache / "series")
+    ct, spacing = loaded.array, loaded.spacing
     out["read"] = time.perf_counter() - t
     t = time.perf_counter()
-    mask, body_ml, _ = segment_ct(ct, spacing)
+    mask, seg = lung_mask(ct, spacing)
     out["segment"] = time.perf_counter() - t
-    from covidct.roi import roi_from_arrays
 
     t = time.perf_counter()
-    roi16, attrs = roi_from_arrays(ct, mask, spacing, PAPER, body_ml=body_ml)
+    roi16, attrs = roi_from_arrays(ct, mask, spacing, RoiParams(size=PAPER),
+                                   body_ml=seg["body_volume_ml"])
     out["roi"] = time.perf_counter() - t
     t = time.perf_counter()
     import keras  # noqa: F401
@@ -107,14 +112,15 @@ def steps(cache: Path, threads: int) -> dict:
         p, f = feature_model([x], training=False)
         np.asarray(p)
         out[key] = time.perf_counter() - t
-    from covidct.explain import lung_mask_in_roi, plot_saliency, saliency
+    from covidct.explain.figures import plot_saliency
+    from covidct.explain.saliency import saliency
 
     t = time.perf_counter()
     sal = saliency(model, roi16.astype(np.float32))
     out["saliency_gradient"] = time.perf_counter() - t
     t = time.perf_counter()
     plot_saliency(cache / "steps_saliency.png", roi16.astype(np.float32), sal, "bench",
-                  lung_mask_roi=lung_mask_in_roi(mask, attrs["bbox"], PAPER))
+                  lung_mask_roi=lung_in_roi(mask, attrs["bbox"], PAPER).astype(bool))
     out["saliency_png"] = time.perf_counter() - t
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return out
@@ -173,9 +179,12 @@ def main() -> None:
             cpus.append(cpu)
         peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
         label = "with --saliency   " if saliency else "without --saliency"
-        print(f"CLI {label}: median {statistics.median(walls):.2f} s wall "
-              f"(runs {', '.join(f'{w:.2f}' for w in walls)}), median CPU {statistics.median(cpus):.2f} s "
-              f"(user + system, all its processes); peak RSS so far {peak:.0f} MB")
+        print(
+            f"CLI {label}: median {statistics.median(walls):.2f} s wall "
+            f"(runs {', '.join(f'{w:.2f}' for w in walls)}), "
+            f"median CPU {statistics.median(cpus):.2f} s "
+            f"(user + system, all its processes); peak RSS so far {peak:.0f} MB"
+        )
         print("   its timing_s: " + ", ".join(f"{k} {v:.2f}" for k, v in last["timing_s"].items()))
     proc = subprocess.run([sys.executable, __file__, "--mode", "steps", "--cache",
                            str(args.cache), "--threads", str(args.threads)],

@@ -1,6 +1,6 @@
 """Benchmark: threshold lung segmentation + lung-ROI (48x240x360) of a 512x512x300 chest CT.
 
-The scan is the real COPDGene case (shared/data/real/cip_copdgene/ct-64.nrrd) upsampled with
+The scan is the real COPDGene case (tests/data/real/cip_copdgene/ct-64.nrrd) upsampled with
 SimpleITK (linear) to 512 x 512 x 300 voxels (0.52 x 0.52 x 1.05 mm), plus mild noise so the
 full-resolution border decisions see realistic texture. It is written as ct.zarr (int16, one
 slice per chunk), then measured in a fresh process on ONE core (OMP/BLAS/SimpleITK threads 1,
@@ -33,7 +33,7 @@ def build(real_data: Path, out: Path) -> None:
     import numpy as np
     import SimpleITK as sitk
 
-    from covidct import zarrio
+    from covidct.io import stores as zarrio
 
     img = sitk.DICOMOrient(sitk.ReadImage(str(real_data / "cip_copdgene" / "ct-64.nrrd")), "LPS")
     size = (512, 512, 300)
@@ -63,33 +63,42 @@ def child(work: Path) -> dict:
     import numpy as np
     import SimpleITK as sitk
 
-    from covidct import roi, segment, zarrio
+    from covidct.io import stores as zarrio
+    from covidct.params import RoiParams
+    from covidct.preprocess import roi
+    from covidct.preprocess.lung_threshold import otsu_threshold, threshold_lung_mask
+    from covidct.preprocess.morphology import convex_hull_2d
+
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
     dask.config.set(scheduler="synchronous")
     # warm the lazily imported modules (scipy.spatial, skimage.filters) outside the timing
-    segment.otsu_threshold(np.array([[[-900.0, 0.0]]]), np.ones((1, 1, 2), bool), -550, -300)
-    segment.convex_hull_2d(np.eye(4, dtype=bool))
+    otsu_threshold(np.array([[[-900.0, 0.0]]]), np.ones((1, 1, 2), bool), -550, -300)
+    convex_hull_2d(np.eye(4, dtype=bool))
     res = {"imports_s": time.perf_counter() - t, "rss_after_imports_MB": rss_mb()}
 
     def timed(name, fn):
         w, c = time.perf_counter(), time.process_time()
         out = fn()
-        res[name] = {"wall_s": round(time.perf_counter() - w, 3), "cpu_s": round(time.process_time() - c, 3),
-                     "peak_rss_MB": rss_mb()}
+        res[name] = {
+            "wall_s": round(time.perf_counter() - w, 3),
+            "cpu_s": round(time.process_time() - c, 3),
+            "peak_rss_MB": rss_mb(),
+        }
         return out
 
     ct = zarrio.open_image(work / "ct.zarr")
-    mask, info = timed("segment_compute", lambda: segment.threshold_lung_mask(ct.array, ct.spacing))
+    mask, info = timed("segment_compute", lambda: threshold_lung_mask(ct.array, ct.spacing))
     res["segment_steps_wall_s"] = info["timings_s"]
     timed("segment_write", lambda: zarrio.write_image(
         work / "lung.zarr", mask, spacing=ct.spacing, origin=ct.origin, direction=ct.direction,
         attrs={"method": "threshold", "body_volume_ml": info["body_volume_ml"]}))
     res["lung_volume_ml"] = info["lung_volume_ml"]
     mask = None  # free it before the ROI step (the lambda above has run)
+    paper = RoiParams(size=(48, 240, 360))
     timed("roi", lambda: roi.make_roi(work / "ct.zarr", work / "lung.zarr", work / "roi.zarr",
-                                      size=(48, 240, 360)))
-    timed("roi_with_qc", lambda: roi.make_roi(work / "ct.zarr", work / "lung.zarr", work / "roi2.zarr",
-                                              size=(48, 240, 360), qc_path=work / "qc.png"))
+                                      paper))
+    timed("roi_with_qc", lambda: roi.make_roi(work / "ct.zarr", work / "lung.zarr",
+                                              work / "roi2.zarr", paper, qc_path=work / "qc.png"))
     res["qc_png_kB"] = round((work / "qc.png").stat().st_size / 1024, 1)
     return res
 
@@ -98,24 +107,32 @@ def accuracy(real_data: Path, work: Path) -> str:
     """Dice of the 512x512x300 mask against the CIP references (not timed)."""
     import SimpleITK as sitk
 
-    from covidct import zarrio
-    from covidct.segment import dice
+    from covidct.io import stores as zarrio
+    from covidct.preprocess.morphology import dice
 
     lung = zarrio.open_image(work / "lung.zarr")
     mask = lung.to_sitk()
     d = real_data / "cip_copdgene"
-    lr = sitk.DICOMOrient(sitk.ReadImage(str(d / "10002K_INSP_STD_BWH_COPD_leftLungRightLung.nrrd")), "LPS")
-    lr_here = sitk.GetArrayFromImage(sitk.Resample(lr, mask, sitk.Transform(), sitk.sitkNearestNeighbor, 0))
+    lr = sitk.DICOMOrient(
+        sitk.ReadImage(str(d / "10002K_INSP_STD_BWH_COPD_leftLungRightLung.nrrd")), "LPS"
+    )
+    lr_here = sitk.GetArrayFromImage(
+        sitk.Resample(lr, mask, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    )
     whole = sitk.DICOMOrient(sitk.ReadImage(str(d / "wholeLung-64.nrrd")), "LPS")
-    back = sitk.Resample(sitk.Cast(mask, sitk.sitkFloat32), whole, sitk.Transform(), sitk.sitkLinear, 0.0)
+    back = sitk.Resample(
+        sitk.Cast(mask, sitk.sitkFloat32), whole, sitk.Transform(), sitk.sitkLinear, 0.0
+    )
     d64 = dice(sitk.GetArrayFromImage(back) >= 0.5, sitk.GetArrayFromImage(whole) > 0)
     return (f"Dice {dice(lung.read(), lr_here > 0):.4f} vs the full-res CIP left/right map on the "
             f"512x512x300 grid; {d64:.4f} vs wholeLung-64 after resampling the mask back to ct-64")
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--real-data", default=str(REPO.parent / "shared" / "data" / "real"))
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--real-data", default=str(REPO / "tests" / "data" / "real"))
     ap.add_argument("--keep", default=None, help="work folder to keep (default: a temp folder)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -132,18 +149,26 @@ def main() -> int:
     out = subprocess.run([sys.executable, __file__, "--child", str(work)], env=env, check=True,
                          capture_output=True, text=True)
     res = json.loads(out.stdout.strip().splitlines()[-1])
-    print(f"imports (dask, scipy, skimage, SimpleITK, zarr) {res['imports_s']:.2f} s (not counted), "
-          f"RSS {res['rss_after_imports_MB']:.0f} MB")
+    print(
+        f"imports (dask, scipy, skimage, SimpleITK, zarr) {res['imports_s']:.2f} s (not counted), "
+        f"RSS {res['rss_after_imports_MB']:.0f} MB"
+    )
     for k, v in res["segment_steps_wall_s"].items():
         print(f"  segment step {k:<14} wall {v:6.2f} s")
     total_w = total_c = 0.0
     for name in ("segment_compute", "segment_write", "roi", "roi_with_qc"):
         r = res[name]
-        print(f"{name:<18} wall {r['wall_s']:6.2f} s  cpu {r['cpu_s']:6.2f} s  peak RSS so far {r['peak_rss_MB']:.0f} MB")
+        print(
+            f"{name:<18} wall {r['wall_s']:6.2f} s  cpu {r['cpu_s']:6.2f} s  "
+            f"peak RSS so far {r['peak_rss_MB']:.0f} MB"
+        )
         if name != "roi_with_qc":
             total_w += r["wall_s"]
             total_c += r["cpu_s"]
-    print(f"TOTAL segment + write + roi(48x240x360): wall {total_w:.2f} s, cpu {total_c:.2f} s (goal < 5 s)")
+    print(
+        f"TOTAL segment + write + roi(48x240x360): wall {total_w:.2f} s, "
+        f"cpu {total_c:.2f} s (goal < 5 s)"
+    )
     print(f"qc.png {res['qc_png_kB']} kB; lung volume {res['lung_volume_ml']:.0f} ml")
     print(f"load average now: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (wall times on a "
           f"busy machine exceed cpu times)")

@@ -38,7 +38,7 @@ os.environ.setdefault("KERAS_BACKEND", "jax")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
 POLICIES = {"fp32": "float32", "bf16": "mixed_bfloat16"}
 MODES = ("read", "train_on_batch", "fit", "fit_cached")
@@ -65,10 +65,10 @@ def parse_args(argv=None):
 
 
 def write_stores(root: Path, n: int, size, chunk_depth=None) -> list[Path]:
-    from covidct.zarrio import write_image
+    from covidct.io.stores import write_image
 
     rng = np.random.default_rng(0)
-    # the roi stage writes each ROI as one chunk (covidct.roi.make_roi); --chunk-depth varies it
+    # the roi stage writes each ROI as one chunk (make_roi); --chunk-depth varies it
     chunks = tuple(size) if chunk_depth is None else (chunk_depth,) + tuple(size[1:])
     paths = []
     for i in range(n):
@@ -99,7 +99,7 @@ def repeat_to(paths, labels, n: int) -> tuple[list, list]:
 def bench_read(paths, labels, args, batch):
     from concurrent.futures import ThreadPoolExecutor
 
-    from covidct.dataset import RoiDataset
+    from covidct.model.dataset import RoiDataset
 
     steps = args.steps
     ds = RoiDataset(*repeat_to(paths, labels, steps * batch), batch_size=batch, shuffle=True)
@@ -112,7 +112,7 @@ def bench_read(paths, labels, args, batch):
 
 
 def bench_train_on_batch(keras, paths, labels, args, policy, batch):
-    from covidct.dataset import RoiDataset
+    from covidct.model.dataset import RoiDataset
 
     model = build(keras, args.size, policy)
     ds = RoiDataset(paths, labels, batch_size=batch, shuffle=True, workers=1)
@@ -134,7 +134,7 @@ def bench_train_on_batch(keras, paths, labels, args, policy, batch):
 
 
 def bench_fit(keras, paths, labels, args, policy, batch, spe, cached=False):
-    from covidct.dataset import RoiDataset
+    from covidct.model.dataset import RoiDataset
 
     steps = max(spe, args.steps // spe * spe)
     model = build(keras, args.size, policy, steps_per_execution=spe)
@@ -186,7 +186,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         t0 = time.perf_counter()
         paths = write_stores(Path(tmp), args.stores, size, args.chunk_depth)
-        from covidct.zarrio import open_image
+        from covidct.io.stores import open_image
 
         chunks = open_image(paths[0]).array.chunks
         print(f"wrote {len(paths)} stores (chunks {chunks}) in {time.perf_counter() - t0:.1f} s",
@@ -221,7 +221,7 @@ def run_one(keras, paths, labels, args, precision, mode, batch, spe):
         note = f"{time.perf_counter() - t0:.0f} s with compilation"
         return (precision, mode, batch, spe, steps, f"{samples / total:.2f}",
                 f"{1000 * total / steps:.0f}", f"{100 * read / total:.0f}%", compute, note)
-    except Exception as err:  # noqa: BLE001 - report and go on to the next one
+    except Exception as err:
         return (precision, mode, batch, spe, "-", "-", "-", "-", "-",
                 f"{type(err).__name__}: {str(err).splitlines()[0][:80]}")
 

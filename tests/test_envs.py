@@ -35,7 +35,9 @@ def test_every_env_pin_matches_pyproject(repo):
         spec = yaml.safe_load(env.read_text())
         conda = [d for d in spec["dependencies"] if isinstance(d, str)]
         python = [d for d in conda if d.startswith("python=")]
-        assert python == [f"python={low}"], f"{env.name}: python pin {python} vs requires-python {requires}"
+        assert python == [f"python={low}"], (
+            f"{env.name}: python pin {python} vs requires-python {requires}"
+        )
         pip = next(d["pip"] for d in spec["dependencies"] if isinstance(d, dict))
         own = [p for p in pip if p.startswith("-e ..")]
         assert len(own) == 1, f"{env.name} must install covidct from the checkout"
@@ -45,7 +47,9 @@ def test_every_env_pin_matches_pyproject(repo):
             assert "==" in req, f"{env.name}: {req} is not pinned"
             name, version = _name(req), req.split("==")[1]
             assert name in pins, f"{env.name}: {name} is not a dependency in pyproject.toml"
-            assert version == pins[name], f"{env.name}: {name}=={version}, pyproject has {pins[name]}"
+            assert version == pins[name], (
+                f"{env.name}: {name}=={version}, pyproject has {pins[name]}"
+            )
 
 
 def test_env_covers_the_extra_it_installs(repo):

@@ -5,24 +5,15 @@ formulas written out here, never against numbers the code produced before."""
 from __future__ import annotations
 
 import json
-import os
+from pathlib import Path
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
-os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib.image import imread
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, recall_score, roc_auc_score
 
-from pathlib import Path  # noqa: E402
-
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import pytest  # noqa: E402
-from matplotlib.image import imread  # noqa: E402
-from sklearn.metrics import (accuracy_score, confusion_matrix, f1_score, recall_score,  # noqa: E402
-                             roc_auc_score)
-
-from covidct.cli import main  # noqa: E402
+from covidct.cli import main
 
 METRIC_KEYS = {"n", "n_positive", "auc", "auc_ci", "accuracy", "sensitivity", "specificity", "f1",
                "threshold", "youden", "hosmer_lemeshow", "confusion", "calibration", "notes"}
@@ -164,8 +155,9 @@ def test_evaluate_mlflow_run(tmp_path):
     runs = client.search_runs([exp.experiment_id])
     assert len(runs) == 1
     r = runs[0]
-    assert r.data.tags["site"] == "Heilongjiang" and r.data.tags["role"] == "diagnosis"
-    assert r.data.tags["model"] == "finetune_covid"
+    assert r.data.tags["covidct.site"] == "Heilongjiang"
+    assert r.data.tags["covidct.role"] == "diagnosis"
+    assert r.data.tags["covidct.model"] == "finetune_covid"
     assert r.data.metrics["auc"] == pytest.approx(m["auc"])
     assert r.data.metrics["auc_ci_low"] == pytest.approx(m["auc_ci"][0])
     assert r.data.metrics["specificity"] == pytest.approx(m["specificity"])
@@ -244,7 +236,7 @@ def test_tables_fill_every_cell(tmp_path):
 def test_predict_site_tiny_model(tmp_path, capsys):
     import keras
 
-    from covidct.zarrio import write_image
+    from covidct.io.stores import write_image
 
     inp = keras.Input((4, 8, 12, 1))
     x = keras.layers.Conv3D(3, 3, padding="same", activation="relu")(inp)

@@ -5,17 +5,22 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
-os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-
 import numpy as np
 import pandas as pd
 import pytest
 
-from covidct import explain
 from covidct.cli import main
-from covidct.zarrio import write_image
+from covidct.explain.features import feature_pca
+from covidct.explain.figures import plot_feature_pca
+from covidct.explain.filters import default_layers, filter_patterns
+from covidct.explain.saliency import (
+    resize_matrix,
+    saliency,
+    saliency_fraction_in_lung,
+    saliency_on_ct,
+)
+from covidct.io.stores import roi_box, write_image
+from covidct.preprocess.roi import lung_in_roi
 
 SHAPE = (6, 12, 16)  # (D, H, W) of the tiny ROI
 
@@ -45,7 +50,7 @@ def test_saliency_matches_finite_differences(model64):
 
     rng = np.random.default_rng(1)
     roi = rng.normal(size=SHAPE)
-    grad = explain.saliency(model64, roi)
+    grad = saliency(model64, roi)
     assert grad.shape == roi.shape
     assert np.abs(grad).max() > 0
 
@@ -63,7 +68,7 @@ def test_saliency_matches_finite_differences(model64):
         fd = (prob(up) - prob(down)) / (2 * eps)
         assert grad[v] == pytest.approx(fd, rel=1e-3, abs=1e-9 + 1e-4 * np.abs(grad).max())
     # a (D, H, W, 1) input gives a gradient of that shape, with the same values
-    assert np.allclose(explain.saliency(model64, roi[..., None])[..., 0], grad)
+    assert np.allclose(saliency(model64, roi[..., None])[..., 0], grad)
 
 
 def test_saliency_float32_model_agrees_with_finite_differences():
@@ -71,7 +76,7 @@ def test_saliency_float32_model_agrees_with_finite_differences():
 
     model = tiny_model("float32", seed=2)
     roi = np.random.default_rng(3).normal(size=SHAPE).astype(np.float32)
-    grad = explain.saliency(model, roi)
+    grad = saliency(model, roi)
     assert grad.shape == SHAPE and grad.dtype == np.float32
     v = np.unravel_index(int(np.argmax(np.abs(grad))), SHAPE)
     eps = 0.05
@@ -87,7 +92,7 @@ def test_lung_fraction_on_constructed_case():
     lung = np.zeros((10, 20, 30), np.uint8)
     lung[3:7, 5:15, 10:20] = 1
     bbox = (2, 8, 4, 16, 8, 22)  # half-open: 6 x 12 x 14 voxels
-    mask = explain.lung_mask_in_roi(lung, bbox, (12, 24, 28))
+    mask = lung_in_roi(lung, bbox, (12, 24, 28)).astype(bool)
     assert mask.shape == (12, 24, 28)
     # the crop's lung block is z 1..4, y 1..10, x 2..11 -> doubled in the ROI
     expected = np.zeros((12, 24, 28), bool)
@@ -96,24 +101,24 @@ def test_lung_fraction_on_constructed_case():
 
     sal = np.zeros(mask.shape, np.float32)
     sal[mask] = np.random.default_rng(0).normal(size=int(mask.sum()))
-    assert explain.saliency_fraction_in_lung(sal, mask) == 1.0
+    assert saliency_fraction_in_lung(sal, mask) == 1.0
     sal[0, 0, 0] = np.abs(sal[mask]).sum()  # as much mass outside as inside
-    assert explain.saliency_fraction_in_lung(sal, mask) == pytest.approx(0.5)
-    assert np.isnan(explain.saliency_fraction_in_lung(np.zeros_like(sal), mask))
+    assert saliency_fraction_in_lung(sal, mask) == pytest.approx(0.5)
+    assert np.isnan(saliency_fraction_in_lung(np.zeros_like(sal), mask))
     with pytest.raises(ValueError, match="outside"):
-        explain.lung_mask_in_roi(lung, (0, 11, 0, 5, 0, 5), (4, 4, 4))
+        lung_in_roi(lung, (0, 11, 0, 5, 0, 5), (4, 4, 4))
 
 
 @pytest.mark.parametrize("antialias", [False, True])
 def test_resize_matrix_is_the_roi_stages_resize(antialias):
-    from covidct.roi import resize_cubic
+    from covidct.preprocess.resample import resize_cubic
 
     rng = np.random.default_rng(1)
     a = rng.normal(size=(5, 9, 13)).astype(np.float32)
     size = (3, 6, 20)
     out = a
     for axis, n in enumerate(a.shape):
-        out = np.moveaxis(np.tensordot(explain.resize_matrix(n, size[axis], antialias),
+        out = np.moveaxis(np.tensordot(resize_matrix(n, size[axis], antialias),
                                        np.moveaxis(out, axis, 0), axes=1), 0, axis)
     np.testing.assert_allclose(out, resize_cubic(a, size, antialias=antialias), atol=1e-5)
 
@@ -123,7 +128,8 @@ def test_saliency_on_ct_matches_finite_differences_through_the_roi_stage(antiali
     """p = sum(w * ROI) with the roi stage's own suppression, z-score and resize: the CT-voxel
     gradient agrees with central differences in HU, and is exactly 0 where the clip or the
     non-lung clamp binds."""
-    from covidct.roi import resize_cubic, suppress_non_lung, zscore_stats
+    from covidct.preprocess.resample import resize_cubic
+    from covidct.preprocess.roi import suppress_non_lung, zscore_stats
 
     rng = np.random.default_rng(0)
     shape, size = (6, 20, 26), (4, 12, 16)
@@ -144,7 +150,7 @@ def test_saliency_on_ct_matches_finite_differences_through_the_roi_stage(antiali
     _, mean, sd = p_of(box)
     attrs = {"percentile": 95, "n_std": 4, "zscore_mean": mean, "zscore_sd": sd,
              "antialias": antialias}
-    g = explain.saliency_on_ct(w, box, lung, attrs)
+    g = saliency_on_ct(w, box, lung, attrs)
     assert g.shape == shape and (g >= 0).all()
     for idx in [(2, 8, 15), (2, 6, 5), (3, 2, 2)]:
         b1, b2 = box.copy(), box.copy()
@@ -155,36 +161,25 @@ def test_saliency_on_ct_matches_finite_differences_through_the_roi_stage(antiali
     assert g[0, 0, 0] == 0 and g[2, 18, 24] == 0                    # clamped soft tissue
     assert g[lung].sum() / g.sum() > lung.mean()
     with pytest.raises(ValueError, match="differ"):
-        explain.saliency_on_ct(w, box, lung[:-1], attrs)
+        saliency_on_ct(w, box, lung[:-1], attrs)
 
 
-@pytest.mark.parametrize("attrs, box", [
-    ({"bbox": [1, 5, 2, 9, 3, 11]}, (1, 5, 2, 9, 3, 11)),
-    ({"roi_bbox": [[1, 5], [2, 9], [3, 11]]}, (1, 5, 2, 9, 3, 11)),
-    ({"bbox": {"z0": 1, "z1": 5, "y0": 2, "y1": 9, "x0": 3, "x1": 11}}, (1, 5, 2, 9, 3, 11)),
-    ({"roi": {"bbox": {"z": [1, 5], "y": [2, 9], "x": [3, 11]}}}, (1, 5, 2, 9, 3, 11)),
-    ({"z0": 1, "z1": 5, "y0": 2, "y1": 9, "x0": 3, "x1": 11}, (1, 5, 2, 9, 3, 11)),
-    ({"bbox": [1, 4, 2, 8, 3, 10], "bbox_inclusive": True}, (1, 5, 2, 9, 3, 11)),
-])
-def test_roi_bbox_accepts_documented_forms(attrs, box):
-    assert explain.roi_bbox(attrs) == box
-
-
-def test_roi_bbox_missing_is_a_clear_error():
-    with pytest.raises(KeyError, match="no bounding box"):
-        explain.roi_bbox({"size": [4, 4, 4]})
+def test_roi_box_is_the_half_open_bbox_of_the_roi_stage():
+    assert roi_box({"bbox": [1, 5, 2, 9, 3, 11]}) == (1, 5, 2, 9, 3, 11)
+    with pytest.raises(KeyError, match="no bbox"):
+        roi_box({"size": [4, 4, 4]})
 
 
 def test_filter_pattern_increases_activation():
     model = tiny_model("float32", seed=4)
-    patterns, start, end = explain.filter_patterns(model, "conv_b", [0, 3, 5], steps=15,
+    patterns, start, end = filter_patterns(model, "conv_b", [0, 3, 5], steps=15,
                                                    step_size=0.2, seed=0)
     assert patterns.shape == (3,) + SHAPE
     assert np.all(end > start + 0.05)
     assert np.all(np.abs(patterns) <= 4.0)
-    assert explain.default_layers(model) == ["conv_a", "conv_b"]
+    assert default_layers(model) == ["conv_a", "conv_b"]
     with pytest.raises(ValueError, match="has 8 filters"):
-        explain.filter_patterns(model, "conv_b", [8], steps=1)
+        filter_patterns(model, "conv_b", [8], steps=1)
 
 
 def test_filter_pattern_on_a_smaller_input_keeps_the_weights():
@@ -193,7 +188,7 @@ def test_filter_pattern_on_a_smaller_input_keeps_the_weights():
 
     model = tiny_model("float32", seed=6)
     small = (4, 8, 10)
-    patterns, _, end = explain.filter_patterns(model, "conv_a", [1, 4], steps=5,
+    patterns, _, end = filter_patterns(model, "conv_a", [1, 4], steps=5,
                                                input_shape=small)
     assert patterns.shape == (2,) + small
     # conv_a is one 3x3x3 'same' convolution: on the pattern zero-padded into the model's input
@@ -222,12 +217,12 @@ def predictions_frame(site, n, seed, n_features=64):
 
 def test_feature_pca_separates_the_classes(tmp_path):
     df = pd.concat([predictions_frame("A", 40, 0), predictions_frame("B", 30, 1)])
-    coords, ratio = explain.feature_pca(df)
+    coords, ratio = feature_pca(df)
     assert list(coords.columns) == ["site", "patient", "y", "pc1", "pc2"] and len(coords) == 70
     assert ratio[0] > ratio[1] > 0 and ratio[0] > 0.12  # the class shift dominates PC1
     gap = abs(coords.loc[coords.y == 1, "pc1"].mean() - coords.loc[coords.y == 0, "pc1"].mean())
     assert gap > 3 * coords["pc1"].std() / 2
-    explain.plot_feature_pca(tmp_path / "pca.png", coords, ratio)
+    plot_feature_pca(tmp_path / "pca.png", coords, ratio)
     assert (tmp_path / "pca.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -256,7 +251,8 @@ def test_explain_stage_end_to_end(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     rc = main(["explain", "--model", str(model_path), "--predictions", *map(str, preds),
                "--rois", *map(str, rois), "--out-dir", str(out), "--n-per-site", "2",
-               "--layers", "conv_a", "--steps", "5", "--tracking-uri", uri])
+               "--layers", "conv_a", "--steps", "5", "--fraction-for", "sample",
+               "--tracking-uri", uri])
     assert rc == 0
     pngs = sorted(p.name for p in (out / "saliency").glob("*.png"))
     assert len(pngs) == 4 and sum(p.startswith("A_A") for p in pngs) == 2
@@ -265,7 +261,7 @@ def test_explain_stage_end_to_end(tmp_path):
     frac = pd.read_csv(out / "saliency_in_lung.csv")
     assert len(frac) == 4 and frac["fraction"].between(0, 1).all()
     # the mask in the ROI: crop z 1:7 of a lung at z 2:7, etc. -> a known share of the ROI
-    expected = explain.lung_mask_in_roi(np.pad(np.ones((5, 16, 20)), ((2, 1), (4, 4), (5, 5))),
+    expected = lung_in_roi(np.pad(np.ones((5, 16, 20)), ((2, 1), (4, 4), (5, 5))),
                                         (1, 7, 2, 22, 3, 27), SHAPE).mean()
     assert np.allclose(frac["lung_volume_fraction"], expected)
     by_site = pd.read_csv(out / "saliency_in_lung_by_site.csv")
@@ -294,7 +290,7 @@ from covidct import explain
 model = keras.models.load_model(sys.argv[1], compile=False)
 roi = np.load(sys.argv[2])
 assert keras.backend.backend() == "jax"
-np.save(sys.argv[3], explain.saliency(model, roi))
+np.save(sys.argv[3], saliency(model, roi))
 """
 
 
@@ -314,6 +310,6 @@ def test_saliency_jax_branch_agrees_with_tensorflow(tmp_path):
     subprocess.run([sys.executable, "-c", JAX_CHECK, str(tmp_path / "m.keras"),
                     str(tmp_path / "roi.npy"), str(tmp_path / "g.npy")], env=env, check=True,
                    timeout=120)
-    tf_grad = explain.saliency(model, roi)
+    tf_grad = saliency(model, roi)
     assert np.allclose(np.load(tmp_path / "g.npy"), tf_grad, rtol=1e-4,
                        atol=1e-4 * np.abs(tf_grad).max())

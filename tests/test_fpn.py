@@ -1,26 +1,24 @@
-"""The DenseNet121-FPN lung segmenter (covidct.fpn): network, pre/post-processing, a tiny
-training run through the command line (real NIfTI files, real MLflow SQLite store) and
-inference with the model it wrote.
+"""The DenseNet121-FPN lung segmenter: network, pre/post-processing, a tiny training run
+through the command line (real NIfTI files, real MLflow SQLite store) and inference with the
+model it wrote.
 
 Full-size training on the synthetic cohort and the COPDGene Dice are in benchmarks/bench_fpn.py.
 """
 
 from __future__ import annotations
 
-import json
-import os
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
-os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
-
 import numpy as np
+import pandas as pd
 import pytest
 import SimpleITK as sitk
 
-from covidct import fpn
 from covidct.cli import main
+from covidct.errors import CovidctError
+from covidct.io.results import read_run
+from covidct.model import fpn as network
+from covidct.model import segmenter
+from covidct.preprocess import lung_fpn
+from covidct.preprocess.morphology import dice
 
 SIZE = 64
 
@@ -61,17 +59,17 @@ def write_nifti(array, spacing_zyx, path):
 # ---------------------------------------------------------------------------- pure functions
 def test_resize_is_linear_antialiased_and_keeps_constants():
     for n_in, n_out in ((64, 128), (512, 128), (80, 64), (7, 7)):
-        m = fpn._resize_matrix(n_in, n_out)
+        m = lung_fpn._resize_matrix(n_in, n_out)
         assert m.shape == (n_out, n_in)
         np.testing.assert_allclose(m.sum(axis=1), 1.0, atol=1e-5)
     # shrinking 4x averages blocks of about 4 (antialiasing): a 0/1 stripe pattern becomes ~0.5
     stripes = np.tile(np.array([0.0, 1.0], np.float32), 64)[None, None, :].repeat(8, axis=1)
-    small = fpn.resize_slices(stripes, (8, 32))
+    small = lung_fpn.resize_slices(stripes, (8, 32))
     assert small.shape == (1, 8, 32)
     np.testing.assert_allclose(small[0, :, 2:-2], 0.5, atol=0.02)
     # enlarging a ramp keeps it a ramp (linear), with half-pixel centres
     ramp = np.arange(4, dtype=np.float32)[None, None, :].repeat(2, axis=1)
-    big = fpn.resize_slices(ramp, (2, 8))[0, 0]
+    big = lung_fpn.resize_slices(ramp, (2, 8))[0, 0]
     np.testing.assert_allclose(big, [0, 0.25, 0.75, 1.25, 1.75, 2.25, 2.75, 3], atol=1e-5)
 
 
@@ -80,8 +78,8 @@ def test_normalize_floors_hu_and_zscores_each_slice():
     ct = rng.normal(0, 300, (3, 40, 40)).astype(np.int16)
     ct[1] = -3024                                   # padding below the -1024 floor
     ct[1, :20] = 0
-    assert fpn.normalize_slices(ct, 32).shape == (3, 32, 32)
-    norm = fpn.normalize_slices(ct, 40)           # same size: no resampling of the noise
+    assert lung_fpn.normalize_slices(ct, 32).shape == (3, 32, 32)
+    norm = lung_fpn.normalize_slices(ct, 40)           # same size: no resampling of the noise
     assert norm.dtype == np.float32
     np.testing.assert_allclose(norm[[0, 2]].mean(axis=(1, 2)), 0, atol=0.05)
     np.testing.assert_allclose(norm[[0, 2]].std(axis=(1, 2)), 1, atol=0.05)
@@ -94,22 +92,22 @@ def test_field_of_view_crops_pads_about_the_centre_and_maps_back():
     rng = np.random.default_rng(1)
     stack = rng.normal(0, 1, (2, 64, 64)).astype(np.float32)
     # 64 px of 4.17 mm (267 mm) in a 360 mm field: 86 px, padded by 11 each side (centred)
-    win = fpn.fov_window((64, 64), (4.17, 4.17), 360.0)
+    win = lung_fpn.fov_window((64, 64), (4.17, 4.17), 360.0)
     assert win == ((86, -11), (86, -11))
-    field = fpn.to_fov(stack, win, -5.0)
+    field = lung_fpn.to_fov(stack, win, -5.0)
     assert field.shape == (2, 86, 86)
     np.testing.assert_array_equal(field[:, 11:75, 11:75], stack)
     assert (field[:, :11] == -5.0).all() and (field[:, :, 75:] == -5.0).all()
-    np.testing.assert_array_equal(fpn.from_fov(field, win, (64, 64)), stack)
+    np.testing.assert_array_equal(lung_fpn.from_fov(field, win, (64, 64)), stack)
     # 400 px of 1 mm in a 360 mm field: cropped to the central 360; mapped back with 0 outside
     big = rng.normal(0, 1, (1, 400, 380)).astype(np.float32)
-    win = fpn.fov_window((400, 380), (1.0, 1.0), 360.0)
+    win = lung_fpn.fov_window((400, 380), (1.0, 1.0), 360.0)
     assert win == ((360, 20), (360, 10))
-    back = fpn.from_fov(fpn.to_fov(big, win, 0.0), win, (400, 380))
+    back = lung_fpn.from_fov(lung_fpn.to_fov(big, win, 0.0), win, (400, 380))
     np.testing.assert_array_equal(back[:, 20:380, 10:370], big[:, 20:380, 10:370])
     assert back[:, :20].sum() == 0 and back[:, :, 370:].sum() == 0
-    assert fpn.fov_window((64, 64), (4.0, 4.0), 0) is None
-    assert fpn.fov_window((64, 64), None, 360.0) is None
+    assert lung_fpn.fov_window((64, 64), (4.0, 4.0), 0) is None
+    assert lung_fpn.fov_window((64, 64), None, 360.0) is None
 
 
 def test_field_of_view_gives_the_network_a_fixed_scale():
@@ -125,18 +123,18 @@ def test_field_of_view_gives_the_network_a_fixed_scale():
 
     a, sa = slice_of(72, 4.0), (4.0, 4.0)           # 288 mm: the body nearly fills the view
     b, sb = slice_of(160, 2.5), (2.5, 2.5)          # 400 mm
-    na = fpn.normalize_slices(a, 64, sa, 360.0)
-    nb = fpn.normalize_slices(b, 64, sb, 360.0)
+    na = lung_fpn.normalize_slices(a, 64, sa, 360.0)
+    nb = lung_fpn.normalize_slices(b, 64, sb, 360.0)
     assert np.abs(na - nb).mean() < 0.1
-    whole = np.abs(fpn.normalize_slices(a, 64) - fpn.normalize_slices(b, 64)).mean()
+    whole = np.abs(lung_fpn.normalize_slices(a, 64) - lung_fpn.normalize_slices(b, 64)).mean()
     assert whole > 3 * np.abs(na - nb).mean()
 
 
 def test_neighbour_channels_repeat_edge_slices():
-    idx = fpn.neighbour_index(5, [0, 2, 4])
+    idx = lung_fpn.neighbour_index(5, [0, 2, 4])
     np.testing.assert_array_equal(idx, [[0, 0, 1], [1, 2, 3], [3, 4, 4]])
     vol = np.arange(5, dtype=np.float32)[:, None, None] * np.ones((5, 4, 4), np.float32)
-    x = fpn.stack_channels(vol, [0, 4])
+    x = lung_fpn.stack_channels(vol, [0, 4])
     assert x.shape == (2, 4, 4, 3)
     np.testing.assert_array_equal(x[0, 0, 0], [0, 0, 1])
     np.testing.assert_array_equal(x[1, 0, 0], [3, 4, 4])
@@ -149,7 +147,7 @@ def test_postprocess_keeps_two_lungs_drops_specks_fills_holes():
     m[2, 10, 7] = 0                   # a vessel hole inside the lung
     m[0, 0, 0] = 1                    # a speck (1 voxel, third component)
     m[5, 28:30, 28:30] = 1            # another small component
-    out = fpn.postprocess_mask(m)
+    out = lung_fpn.postprocess_mask(m)
     assert out.dtype == np.uint8
     assert out[2, 10, 7] == 1 and out[0, 0, 0] == 0 and out[5, 29, 29] == 0
     assert int(out.sum()) == 720 + 880
@@ -157,24 +155,24 @@ def test_postprocess_keeps_two_lungs_drops_specks_fills_holes():
     m2 = np.zeros((6, 30, 30), np.uint8)
     m2[0:6, 0:20, 0:20] = 1
     m2[0:2, 25:28, 25:28] = 1        # 18 voxels < 5% of 2400
-    assert int(fpn.postprocess_mask(m2).sum()) == 2400
+    assert int(lung_fpn.postprocess_mask(m2).sum()) == 2400
 
 
 def test_split_is_patient_level_and_seeded():
-    tr, va = fpn.split_patients(10, 0.2, seed=3)
+    tr, va = segmenter.split_patients(10, 0.2, seed=3)
     assert len(va) == 2 and len(tr) == 8 and not set(tr) & set(va)
-    tr2, va2 = fpn.split_patients(10, 0.2, seed=3)
+    tr2, va2 = segmenter.split_patients(10, 0.2, seed=3)
     np.testing.assert_array_equal(va, va2)
-    assert len(fpn.split_patients(1, 0.2, 0)[1]) == 0       # one patient: no validation
-    assert len(fpn.split_patients(3, 0.2, 0)[1]) == 1
+    assert len(segmenter.split_patients(1, 0.2, 0)[1]) == 0       # one patient: no validation
+    assert len(segmenter.split_patients(3, 0.2, 0)[1]) == 1
 
 
 # ---------------------------------------------------------------------------- network
 def test_fpn_has_densenet121_encoder_and_sigmoid_output():
-    model = fpn.build_fpn(128)
+    model = network.build_fpn(128)
     assert tuple(model.inputs[0].shape) == (None, 128, 128, 3)
     assert tuple(model.outputs[0].shape) == (None, 128, 128, 1)
-    out_layer = model.get_layer(fpn.OUTPUT_NAME)
+    out_layer = model.get_layer(network.OUTPUT_NAME)
     assert out_layer.get_config()["activation"] == "sigmoid"
     encoder = model.get_layer("densenet121")
     names = {layer.name for layer in encoder.layers}
@@ -187,18 +185,19 @@ def test_fpn_has_densenet121_encoder_and_sigmoid_output():
     assert encoder.count_params() == 7_037_504
     assert model.count_params() > encoder.count_params()
 
-    big = fpn.build_fpn(256)                      # built, never run
+    big = network.build_fpn(256)                      # built, never run
     assert tuple(big.outputs[0].shape) == (None, 256, 256, 1)
 
 
 def test_build_rejects_sizes_and_missing_weights(tmp_path):
-    with pytest.raises(fpn.CovidctError, match="multiple of 32"):
-        fpn.build_fpn(100)
-    with pytest.raises(fpn.CovidctError, match="never downloaded") as err:
-        fpn.build_fpn(64, encoder_weights=tmp_path / "imagenet.h5")
+    with pytest.raises(CovidctError, match="multiple of 32"):
+        network.build_fpn(100)
+    with pytest.raises(CovidctError, match="never downloaded") as err:
+        network.build_fpn(64, encoder_weights=tmp_path / "imagenet.h5")
     assert "imagenet.h5" in str(err.value)
 
 
+@pytest.mark.slow
 def test_mask_on_another_grid_names_patient_and_file(tmp_path, capsys):
     ct, mask, spacing = phantom(0)
     img = write_nifti(ct, spacing, tmp_path / "P001.nii.gz")
@@ -233,16 +232,17 @@ def trained(tmp_path_factory):
     return tmp, uri
 
 
+@pytest.mark.slow
 def test_training_reduces_loss_and_records_the_run(trained):
     tmp, uri = trained
     out = tmp / "model"
     assert (out / "model.keras").is_file()
-    record = json.loads((out / "run.json").read_text())
-    assert record["input_size"] == [SIZE, SIZE]
+    record = read_run(out)
+    assert record["input_shape"] == [SIZE, SIZE]
     assert record["fov_mm"] == 360.0                 # --fov-mm, recorded in the model's name
-    assert fpn.model_fov(fpn.load_model(out / "model.keras")) == 360.0
+    assert lung_fpn.model_fov(lung_fpn.load_model(out / "model.keras")) == 360.0
     assert record["n_train"] == 2 and record["n_val"] == 1
-    history = record["history"]
+    history = pd.read_csv(out / record["history"]).to_dict("records")
     assert [h["epoch"] for h in history] == [1, 2, 3, 4]
     assert history[-1]["loss"] < history[0]["loss"]
     assert 0.0 <= record["val_dice"] <= 1.0
@@ -257,18 +257,19 @@ def test_training_reduces_loss_and_records_the_run(trained):
     assert run.data.metrics["selected_val_dice"] == pytest.approx(record["val_dice"])
     losses = [m.value for m in client.get_metric_history(run.info.run_id, "loss")]
     assert losses == pytest.approx([h["loss"] for h in history])
-    artifacts = [a.path for a in client.list_artifacts(run.info.run_id, "model")]
-    assert artifacts == ["model/model.keras"]
-    assert record["model_uri"] == f"runs:/{run.info.run_id}/model/model.keras"
+    assert record["registered_model"] == "covidct-lung_fpn" and record["version"] == 1
+    model = client.get_model_version("covidct-lung_fpn", "1")
+    assert model.run_id == run.info.run_id and record["model_uri"].startswith("models:/")
 
 
+@pytest.mark.slow
 def test_predict_mask_of_trained_model_beats_chance(trained):
     tmp, _ = trained
     ct, lung, spacing = phantom(7, shape=(10, 76, 84))      # unseen phantom, other grid
-    mask = fpn.predict_mask(ct, spacing, tmp / "model" / "model.keras", batch_size=10)
+    mask = lung_fpn.predict_mask(ct, spacing, tmp / "model" / "model.keras", batch_size=10)
     assert mask.shape == ct.shape and mask.dtype == np.uint8
     assert set(np.unique(mask)) <= {0, 1}
     p = lung.mean()
     chance = 2 * p / (1 + p)              # Dice of calling every voxel lung
-    d = fpn.dice(mask, lung)
+    d = dice(mask, lung)
     assert d > max(0.5, 2 * chance), (d, chance)

@@ -1,4 +1,5 @@
-"""covidct ingest: DICOM folders and image files -> ct.zarr (int16 HU, LPS), on real reads and stores."""
+"""covidct ingest: DICOM folders and image files -> ct.zarr (int16 HU, LPS), on real reads and
+stores."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
-from covidct import zarrio
 from covidct.cli import main
-from covidct.dicomio import write_series
-from covidct.ingest import AIR_HU, ingest, repair_hu
+from covidct.io import stores as zarrio
+from covidct.preprocess.hu import AIR_HU, repair_hu
+from covidct.preprocess.ingest import ingest
+from covidct.synth.dicom import write_series
 
 IDENTITY = np.eye(3).ravel()
 SPACING = (2.5, 0.7, 0.8)               # z, y, x mm
@@ -299,10 +301,25 @@ def _two_d(tmp_path):
     return path, "not a 3-D image (2-D, size 8x8)", "slice.nrrd"
 
 
-@pytest.mark.parametrize("make", [
-    _missing, _empty, _not_dicom, _truncated_pixels, _truncated_header, _garbage_nifti, _mr, _two_slices, _uneven,
-    _missing_slice, _mixed_sizes, _not_hu, _two_d,
-], ids=lambda f: f.__name__.strip("_"))
+@pytest.mark.parametrize(
+    "make",
+    [
+        _missing,
+        _empty,
+        _not_dicom,
+        _truncated_pixels,
+        _truncated_header,
+        _garbage_nifti,
+        _mr,
+        _two_slices,
+        _uneven,
+        _missing_slice,
+        _mixed_sizes,
+        _not_hu,
+        _two_d,
+    ],
+    ids=lambda f: f.__name__.strip("_"),
+)
 def test_bad_input_gives_one_clear_line(tmp_path, capsys, make):
     source, message, filename = make(tmp_path)
     out = tmp_path / "out" / "ct.zarr"
@@ -332,8 +349,10 @@ def test_help_does_not_import_tensorflow(repo):
     import subprocess
     import sys
 
-    code = ("import sys\nfrom covidct.cli import main\ntry:\n    main(['ingest', '--help'])\n"
-            "except SystemExit:\n    pass\nprint('tensorflow' in sys.modules, 'mlflow' in sys.modules)")
+    code = (
+        "import sys\nfrom covidct.cli import main\ntry:\n    main(['ingest', '--help'])\n"
+        "except SystemExit:\n    pass\nprint('tensorflow' in sys.modules, 'mlflow' in sys.modules)"
+    )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=repo, timeout=60)
     assert res.stdout.strip().splitlines()[-1] == "False False"

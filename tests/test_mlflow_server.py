@@ -8,12 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
-os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
 import signal
 import socket
 import subprocess
@@ -23,9 +17,12 @@ import urllib.parse
 import urllib.request
 
 import numpy as np
+import pytest
 
 from covidct.cli import main
-from covidct.zarrio import write_image
+from covidct.io.stores import write_image
+
+pytestmark = pytest.mark.slow
 
 SHAPE = (8, 16, 24)
 

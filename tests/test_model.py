@@ -2,14 +2,8 @@
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
-os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
 import importlib.util
+import os
 import subprocess
 import sys
 
@@ -35,7 +29,7 @@ TABLE_S1 = {
 
 @pytest.fixture(scope="module")
 def paper_model():
-    from covidct.model import covid19net
+    from covidct.model.architecture import covid19net
 
     return covid19net((48, 240, 360))
 
@@ -52,17 +46,18 @@ def test_parameter_count(paper_model):
     assert 880_000 <= paper_model.count_params() <= 900_000           # the paper's "about 891k"
     import keras
 
-    convs = [l for l in paper_model.layers if isinstance(l, keras.layers.Conv3D)]
+    convs = [layer for layer in paper_model.layers if isinstance(layer, keras.layers.Conv3D)]
     assert len(convs) == 2 + 2 * (2 + 3 + 4 + 2) + 2 + 1 and not any(c.use_bias for c in convs)
-    bns = [l for l in paper_model.layers if isinstance(l, keras.layers.BatchNormalization)]
+    bns = [layer for layer in paper_model.layers
+           if isinstance(layer, keras.layers.BatchNormalization)]
     assert len(bns) == len(convs) - 1 and all(b.epsilon == pytest.approx(1.001e-5) for b in bns)
-    assert not any(isinstance(l, keras.layers.Dropout) for l in paper_model.layers)
+    assert not any(isinstance(layer, keras.layers.Dropout) for layer in paper_model.layers)
     # block 3 grows 24 -> 152 channels by 4 pairs of 32: every pair's output is concatenated
     assert paper_model.get_layer("block3_pair4_concat").output.shape[-1] == 24 + 4 * 32
 
 
 def test_forward_pass_small_input():
-    from covidct.model import covid19net, feature_model
+    from covidct.model.architecture import covid19net, feature_model
 
     model = covid19net((16, 64, 96))
     x = np.random.default_rng(0).normal(size=(2, 16, 64, 96, 1)).astype(np.float32)
@@ -75,7 +70,7 @@ def test_forward_pass_small_input():
 
 
 def test_bad_input_shape():
-    from covidct.model import covid19net
+    from covidct.model.architecture import covid19net
 
     with pytest.raises(ValueError, match="input_shape"):
         covid19net((240, 360))
@@ -83,7 +78,7 @@ def test_bad_input_shape():
 
 @pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax is not installed")
 def test_same_code_runs_on_jax():
-    code = ("import numpy as np, keras; from covidct.model import covid19net;"
+    code = ("import numpy as np, keras; from covidct.model.architecture import covid19net;"
             "m = covid19net((8, 32, 48)); assert keras.backend.backend() == 'jax';"
             "p = m.predict(np.zeros((1, 8, 32, 48, 1), 'float32'), verbose=0);"
             "print(m.count_params(), float(p[0, 0]))")

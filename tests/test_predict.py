@@ -11,23 +11,17 @@ forked process while TensorFlow starts).
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
-os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import numpy as np
+import pytest
 
-import json  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-
-from covidct import zarrio  # noqa: E402
-from covidct.cli import main  # noqa: E402
+from covidct.cli import main
+from covidct.io import stores as zarrio
 
 SIZE = (8, 32, 48)
 KEYS = {"scan", "probability", "threshold", "prediction", "dl_feature", "risk", "risk_group",
@@ -40,8 +34,8 @@ PLANTED = {"PatientName": "Zzplanted^Secretname", "PatientID": "ID99887766",
 @pytest.fixture(scope="module")
 def model_files(tmp_path_factory):
     """A saved tiny COVID-19Net and a cox.json in the format `covidct prognosis` writes."""
-    from covidct.model import covid19net
-    from covidct.prognosis import DIRECTION
+    from covidct.analysis.prognosis import DIRECTION
+    from covidct.model.architecture import covid19net
 
     tmp = tmp_path_factory.mktemp("models")
     model = covid19net(SIZE)
@@ -59,8 +53,8 @@ def model_files(tmp_path_factory):
 @pytest.fixture(scope="module")
 def dicom_scan(tmp_path_factory):
     """A synthetic chest CT as a DICOM series whose header holds planted identifying fields."""
-    from covidct.dicomio import write_series
-    from covidct.synth import PatientSpec, dicom_header, make_patient
+    from covidct.synth.dicom import write_series
+    from covidct.synth.patient import PatientSpec, dicom_header, make_patient
 
     spec = PatientSpec.from_row({"matrix": 96, "pixel_mm": 3.6, "slice_mm": 5.0, "seed": 3,
                                  "label": "covid", "severity": 0.6})
@@ -107,7 +101,7 @@ def cox_by_hand(cox: dict, feature: np.ndarray, age: float, sex: str, comorbidit
 def test_nifti_cli_matches_the_workflow_stages(tmp_path, real_data, model_files):
     from matplotlib.image import imread
 
-    from covidct.prognosis import risk_from_features
+    from covidct.analysis.prognosis import risk_from_features
 
     model_path, cox_path, cox = model_files
     scan = real_data / "covid_ct_md" / "P001_ct_bin4x4x1.nii.gz"
@@ -127,7 +121,9 @@ def test_nifti_cli_matches_the_workflow_stages(tmp_path, real_data, model_files)
     assert out["roi"]["bbox"] == stored.attrs["bbox"] and out["roi"]["size"] == list(SIZE)
     assert out["roi"]["fallback"] is False
     assert out["roi"]["clip_hu"] == stored.attrs["clip_hu"]
-    assert out["roi"]["antialias"] is True and out["roi"]["min_pixels"] == 60  # no run.json: defaults
+    assert (
+        out["roi"]["antialias"] is True and out["roi"]["min_pixels"] == 60
+    )  # no run.json: defaults
     p, f = model_outputs(model_path, stored.read())
     assert out["probability"] == pytest.approx(p, rel=1e-5, abs=1e-6)
     np.testing.assert_allclose(out["dl_feature"], f, rtol=1e-4, atol=1e-5)
@@ -149,15 +145,18 @@ def test_nifti_cli_matches_the_workflow_stages(tmp_path, real_data, model_files)
     assert frac["ct"] > frac["roi"]        # the clamp pins most tissue outside the lung
 
 
+@pytest.mark.slow
 def test_dicom_roi_is_identical_to_the_roi_stage_and_no_identity_leaks(tmp_path, dicom_scan,
                                                                          model_files):
-    from covidct.predict import predict_scan
+    from covidct.inference.scan import predict_scan
+    from covidct.params import RoiParams
 
     model_path, _, _ = model_files
     # the phantom's 3.6-mm pixels give a lung box about 40 px wide: --min-pixels 30 in both
     stored = stage_roi(tmp_path, dicom_scan, "--min-pixels", "30")
     # in process (sequential), with the arrays: the ROI is the stage's, bit for bit
-    res = predict_scan(dicom_scan, model_path, return_arrays=True, min_pixels=30)
+    res = predict_scan(dicom_scan, model_path, return_arrays=True,
+                      roi=RoiParams(min_pixels=30))
     roi = res["_arrays"]["roi"]
     assert roi.dtype == np.float16 and roi.shape == SIZE
     assert np.array_equal(roi, stored.read())
@@ -183,12 +182,13 @@ def test_dicom_roi_is_identical_to_the_roi_stage_and_no_identity_leaks(tmp_path,
     np.testing.assert_allclose(out["dl_feature"], res["dl_feature"], rtol=1e-4, atol=1e-5)
     assert png.stat().st_size > 1000
     text = (proc.stdout + proc.stderr).lower()
-    assert "covidct.predict" in proc.stderr                # the logs did reach stderr
+    assert "covidct.inference.scan" in proc.stderr         # the logs did reach stderr
     for field, value in PLANTED.items():
         for part in value.lower().split("^"):            # names: family^given
             assert part not in text, f"{field} leaked"
 
 
+@pytest.mark.slow
 def test_roi_settings_follow_the_models_run_json(tmp_path, real_data, model_files):
     """A model trained on ROIs made without anti-aliasing and with a 30-voxel minimum (as
     run.json records) gets such a ROI from `covidct predict` unless told otherwise."""
@@ -237,7 +237,9 @@ def test_cox_without_clinical_values_fails_clearly(tmp_path, real_data, model_fi
                  "--sex", "M", "--comorbidity", "0"]) == 2
     cap = capsys.readouterr()
     assert cap.out == ""
-    assert "--age" in cap.err and "cox.json" in cap.err and "--sex" not in cap.err.split("error:")[1]
+    assert (
+        "--age" in cap.err and "cox.json" in cap.err and "--sex" not in cap.err.split("error:")[1]
+    )
     bad = tmp_path / "cox.json"
     bad.write_text(json.dumps({"covariates": ["age"]}))
     assert main(["predict", str(scan), "--model", str(model_path), "--cox", str(bad), "--age",
@@ -247,7 +249,7 @@ def test_cox_without_clinical_values_fails_clearly(tmp_path, real_data, model_fi
 
 
 def test_input_size_read_without_tensorflow_equals_the_model(model_files, tmp_path):
-    from covidct.predict import keras_input_shape
+    from covidct.model.saved import keras_input_shape
 
     model_path, _, _ = model_files
     assert keras_input_shape(model_path) == SIZE

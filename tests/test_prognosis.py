@@ -1,4 +1,5 @@
-"""Prognosis: Cox model, stepwise selection, risk groups, KM/log-rank, the `covidct prognosis` stage.
+"""Prognosis: Cox model, stepwise selection, risk groups, KM/log-rank, the `covidct prognosis`
+stage.
 
 Reference values come from lifelines' documentation on the real data sets it ships (Rossi
 recidivism, Waltons); selection and direction are checked on seeded simulations with known truth.
@@ -14,11 +15,17 @@ import pandas as pd
 import pytest
 from scipy.stats import chi2
 
-from covidct import survival
+from covidct.analysis import survival
+from covidct.analysis.prognosis import (
+    DIRECTION,
+    display_name,
+    fit_prognosis_model,
+    load_cohort,
+    risk_from_features,
+    site_result,
+)
 from covidct.cli import main
-from covidct.prognosis import (DIRECTION, display_name, fit_prognosis_model, load_cohort,
-                               ridge_penalizer_arg, risk_from_features, site_result)
-
+from covidct.params import PrognosisParams, ridge_penalizer
 
 # --------------------------------------------------------------------------- reference data
 
@@ -145,8 +152,9 @@ def simulate_cohort(seed: int, n: int, n_features: int = 8, site: str = "A") -> 
 def test_high_risk_means_longer_stay_and_cox_json_round_trips():
     train = simulate_cohort(1, 200)
     feats = [f"feature_{i}" for i in range(8)]
-    cox, cph, risk = fit_prognosis_model(train, feats, selection="forward", p_enter=0.01,
-                                         p_stay=0.01, min_events=10)
+    cox, cph, risk = fit_prognosis_model(
+        train, feats, PrognosisParams(selection="forward", p_enter=0.01, p_stay=0.01, min_events=10)
+    )
     assert "feature_3" in cox["covariates"]
     assert cox["coefficients"][cox["covariates"].index("feature_3")] < 0  # lowers discharge
     assert cox["names"][cox["covariates"].index("feature_3")] == "DL feature-3"
@@ -154,7 +162,8 @@ def test_high_risk_means_longer_stay_and_cox_json_round_trips():
     assert cox["direction"] == DIRECTION
     # the stored risk is minus lifelines' log partial hazard, up to lifelines' centring constant
     lph = cph.predict_log_partial_hazard(
-        (train[cox["covariates"]] - cox["mean"]) / cox["sd"]).to_numpy()
+        (train[cox["covariates"]] - cox["mean"]) / cox["sd"]
+    ).to_numpy()
     assert np.allclose(risk + lph, (risk + lph)[0], atol=1e-8)
 
     stats, fitters = site_result(train, cox, n_boot=100)
@@ -172,12 +181,18 @@ def test_high_risk_means_longer_stay_and_cox_json_round_trips():
     cox_rt = json.loads(json.dumps(cox))
     for i in (0, 17, 123):
         row = train.iloc[i]
-        r, group = risk_from_features(cox_rt, row[feats].to_numpy(float), row["age"],
-                                      "M" if row["sex"] == 1 else "F", row["comorbidity"])
+        r, group = risk_from_features(
+            cox_rt,
+            row[feats].to_numpy(float),
+            row["age"],
+            "M" if row["sex"] == 1 else "F",
+            row["comorbidity"],
+        )
         assert r == pytest.approx(risk[i], abs=1e-9)
         assert group == ("high" if risk[i] > cox["cutoff"] else "low")
 
 
+@pytest.mark.slow
 def test_events_per_feature_caps_the_model_size():
     """30 patients, 64 candidate features of which one carries the signal: AIC alone keeps
     entering chance features; one feature per 10 discharges keeps the model small, and the
@@ -185,13 +200,19 @@ def test_events_per_feature_caps_the_model_size():
     train = simulate_cohort(4, 30, n_features=64)
     feats = [f"feature_{i}" for i in range(64)]
     n_events = int(train["discharged"].sum())
-    free, _, _ = fit_prognosis_model(train, feats, selection="aic", max_features=10,
-                                     events_per_feature=0, min_events=4)
-    capped, _, _ = fit_prognosis_model(train, feats, selection="aic", max_features=10,
-                                       events_per_feature=10, min_events=4)
+    free, _, _ = fit_prognosis_model(
+        train,
+        feats,
+        PrognosisParams(selection="aic", max_features=10, events_per_feature=0, min_events=4),
+    )
+    capped, _, _ = fit_prognosis_model(
+        train,
+        feats,
+        PrognosisParams(selection="aic", max_features=10, events_per_feature=10, min_events=4),
+    )
     assert len(free["covariates"]) > n_events // 10
     assert len(capped["covariates"]) == n_events // 10
-    assert capped["covariates"] == free["covariates"][:n_events // 10]   # the same first steps
+    assert capped["covariates"] == free["covariates"][: n_events // 10]  # the same first steps
     assert capped["selection"]["max_features"] == n_events // 10
     assert capped["selection"]["events_per_feature"] == 10.0
     assert free["selection"]["max_features"] == 10
@@ -202,17 +223,21 @@ def test_nothing_selected_falls_back_to_best_univariate():
     train = simulate_cohort(3, 80)
     train["feature_3"] = rng.normal(size=len(train))  # remove the signal
     feats = [f"feature_{i}" for i in range(8)]
-    cox, _, _ = fit_prognosis_model(train, feats, selection="forward", p_enter=1e-9)
+    cox, _, _ = fit_prognosis_model(
+        train, feats, PrognosisParams(selection="forward", p_enter=1e-9)
+    )
     assert len(cox["covariates"]) == 1
     assert cox["selection"]["fallback_to_best_univariate"] is True
     assert any("falling back" in n for n in cox["notes"])
     data = survival.standardise(train, feats + ["age", "sex", "comorbidity"])[0]
     data[["stay_days", "discharged"]] = train[["stay_days", "discharged"]]
-    best, _ = survival.best_univariate(data, "stay_days", "discharged",
-                                       feats + ["age", "sex", "comorbidity"])
+    best, _ = survival.best_univariate(
+        data, "stay_days", "discharged", feats + ["age", "sex", "comorbidity"]
+    )
     assert cox["covariates"] == [best]
 
 
+@pytest.mark.slow
 def test_ridge_penalizer_cv_penalises_noise_more_than_signal(signal_data):
     """Cross-validation keeps the penalty light where the covariates carry a strong signal and
     heavy where the outcome has been shuffled away from them."""
@@ -224,7 +249,7 @@ def test_ridge_penalizer_cv_penalises_noise_more_than_signal(signal_data):
     noise[["T", "E"]] = noise[["T", "E"]].sample(frac=1.0, random_state=2).to_numpy()
     best_noise, scores_noise = survival.ridge_penalizer_cv(noise, "T", "E", cands, seed=1)
     assert best_noise >= 10.0
-    assert scores_noise[best_noise] < scores[best]            # and it predicts held-out data worse
+    assert scores_noise[best_noise] < scores[best]  # and it predicts held-out data worse
     assert survival.ridge_penalizer_cv(noise, "T", "E", cands, seed=1)[0] == best_noise  # seeded
     with pytest.raises(survival.SurvivalError, match="too few"):
         survival.ridge_penalizer_cv(signal_data.iloc[:6], "T", "E", cands)
@@ -242,6 +267,7 @@ def spread_signal_cohort(seed: int, n: int, n_features: int = 64, n_carriers: in
     return df
 
 
+@pytest.mark.slow
 def test_ridge_keeps_every_candidate_and_transfers_better_than_stepwise():
     """40 training patients, 67 candidates: stepwise picks a few that partly fit noise; one
     ridge model on all of them ranks a new site's 300 patients better (training seeds 0-4:
@@ -250,36 +276,45 @@ def test_ridge_keeps_every_candidate_and_transfers_better_than_stepwise():
 
     train, other = spread_signal_cohort(2, 40), spread_signal_cohort(102, 300)
     feats = [f"feature_{i}" for i in range(64)]
-    step, _, _ = fit_prognosis_model(train, feats, selection="stepwise", min_events=4)
-    ridge, _, risk = fit_prognosis_model(train, feats, selection="ridge", min_events=4, seed=0)
+    step, _, _ = fit_prognosis_model(
+        train, feats, PrognosisParams(selection="stepwise", min_events=4)
+    )
+    ridge, _, risk = fit_prognosis_model(
+        train, feats, PrognosisParams(selection="ridge", min_events=4, seed=0)
+    )
     candidates = feats + ["age", "sex", "comorbidity"]
     assert ridge["covariates"] == candidates and len(step["covariates"]) <= 3
     pen = ridge["selection"]["penalizer"]
     assert pen in survival.RIDGE_GRID and ridge["selection"]["ridge_cv"]["grid"] == list(
-        survival.RIDGE_GRID)
+        survival.RIDGE_GRID
+    )
     assert "ridge: all 67 candidates" in ridge["selection"]["trace"][0]
     # the stored model is lifelines' ridge fit on the training-standardised covariates
-    z = survival.standardise(train, candidates)[0].assign(T=train["stay_days"],
-                                                          E=train["discharged"])
+    z = survival.standardise(train, candidates)[0].assign(
+        T=train["stay_days"], E=train["discharged"]
+    )
     ref = CoxPHFitter(penalizer=pen).fit(z, "T", "E")
-    np.testing.assert_allclose(ridge["coefficients"], ref.params_[candidates].to_numpy(),
-                               rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(risk, -ref.predict_log_partial_hazard(z[candidates]).to_numpy(),
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        ridge["coefficients"], ref.params_[candidates].to_numpy(), rtol=1e-4, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        risk, -ref.predict_log_partial_hazard(z[candidates]).to_numpy(), atol=1e-6
+    )
     c_step = site_result(other, step, n_boot=20)[0]["c_index"]
     c_ridge = site_result(other, ridge, n_boot=20)[0]["c_index"]
     assert c_ridge > c_step and c_ridge > 0.65
-    fixed, _, _ = fit_prognosis_model(train, feats, selection="ridge", ridge_penalizer=2.5,
-                                      min_events=4)
+    fixed, _, _ = fit_prognosis_model(
+        train, feats, PrognosisParams(selection="ridge", ridge_penalizer=2.5, min_events=4)
+    )
     assert fixed["selection"]["penalizer"] == 2.5 and fixed["selection"]["ridge_cv"] is None
 
 
 def test_ridge_penalizer_argument():
-    assert ridge_penalizer_arg("auto") == "auto" and ridge_penalizer_arg("AUTO") == "auto"
-    assert ridge_penalizer_arg("0.3") == 0.3
+    assert ridge_penalizer("auto") == "auto" and ridge_penalizer("AUTO") == "auto"
+    assert ridge_penalizer("0.3") == 0.3
     for bad in ("0", "-1", "nan", "big"):
         with pytest.raises(Exception, match="positive number"):
-            ridge_penalizer_arg(bad)
+            ridge_penalizer(bad)
 
 
 def test_display_names():
@@ -288,6 +323,7 @@ def test_display_names():
 
 
 # --------------------------------------------------------------------------- the stage
+
 
 def write_inputs(tmp_path, sites: dict[str, pd.DataFrame], no_follow_up: set[str] = frozenset()):
     """predictions.csv per site (with non-COVID patients too) and one sample sheet."""

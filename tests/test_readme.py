@@ -7,9 +7,18 @@ import subprocess
 
 def _block(repo, tag: str) -> str:
     out = subprocess.run(
-        ["awk", "-v", f"tag=<!-- ci:{tag} -->",
-         '$0 == tag { found = 1; next } found && /^```/ { if (inblock) exit; inblock = 1; next } inblock { print }',
-         str(repo / "README.md")], capture_output=True, text=True, check=True)
+        [
+            "awk",
+            "-v",
+            f"tag=<!-- ci:{tag} -->",
+            "$0 == tag { found = 1; next } "
+            "found && /^```/ { if (inblock) exit; inblock = 1; next } inblock { print }",
+            str(repo / "README.md"),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return out.stdout.strip()
 
 

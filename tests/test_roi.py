@@ -9,11 +9,26 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage as ndi
 
-from covidct import zarrio
 from covidct.cli import main
 from covidct.errors import CovidctError
-from covidct.roi import (RoiRejected, box_percentile, check_lung_mask, lung_bbox, make_roi,
-                         resize_cubic, suppress_non_lung, zscore)
+from covidct.io import stores as zarrio
+from covidct.params import RoiParams
+from covidct.preprocess.resample import antialias_sigma, resize_cubic
+from covidct.preprocess.roi import (
+    RoiRejected,
+    box_percentile,
+    check_lung_mask,
+    lung_bbox,
+    make_roi,
+    suppress_non_lung,
+)
+
+
+def zscore(array):
+    """The reference z-score: float64 mean and sd over the whole array."""
+    a = np.asarray(array, dtype=np.float32)
+    mean, sd = float(a.mean(dtype=np.float64)), float(a.std(dtype=np.float64))
+    return (a - np.float32(mean)) / np.float32(sd), mean, sd
 
 
 def _mask_with_areas(areas, shape=(200, 200)):
@@ -73,7 +88,8 @@ def test_reject_small_boxes(slices, side, ok):
         lung_bbox(np.zeros((4, 10, 10), bool))
 
 
-# --------------------------------------------------------------------------- suppression, z-score, resize
+# --------------------------------------------------------------------------- suppression, resize
+
 
 @pytest.fixture(scope="module")
 def box_and_mask():
@@ -130,7 +146,9 @@ def test_zscore_mean_0_sd_1_over_the_box(box_and_mask):
     assert z.dtype == np.float32
     assert abs(float(z.mean(dtype=np.float64))) < 1e-5
     assert float(z.std(dtype=np.float64)) == pytest.approx(1.0, abs=1e-5)
-    assert mean == pytest.approx(out.mean(dtype=np.float64)) and sd == pytest.approx(out.std(dtype=np.float64))
+    assert mean == pytest.approx(out.mean(dtype=np.float64)) and sd == pytest.approx(
+        out.std(dtype=np.float64)
+    )
 
 
 @pytest.mark.parametrize("shape, size", [((30, 41, 57), (16, 64, 96)), ((7, 9, 11), (7, 3, 20)),
@@ -147,15 +165,15 @@ def test_antialiased_resize_averages_thin_slices():
     """Shrinking 97 noisy slices to 17: without anti-aliasing the ROI keeps every 6th slice's
     full noise; with it the slices are averaged (sigma (6 - 1) / 2 = 2.5 slices), as a thick
     slice would be. Constants stay constant; axes that grow are untouched."""
-    from covidct.roi import antialias_sigma
-
     assert antialias_sigma(97, 17) == pytest.approx(2.5)
     assert antialias_sigma(17, 97) == 0.0 and antialias_sigma(10, 10) == 0.0
     rng = np.random.default_rng(0)
     noise = rng.normal(size=(97, 24, 24)).astype(np.float32)
     plain = resize_cubic(noise, (17, 24, 24))
     smooth = resize_cubic(noise, (17, 24, 24), antialias=True)
-    assert plain.std() > 0.9 and smooth.std() < 0.4   # Gaussian average: (2 sqrt(pi) 2.5)^-1/2 = 0.34
+    assert (
+        plain.std() > 0.9 and smooth.std() < 0.4
+    )  # Gaussian average: (2 sqrt(pi) 2.5)^-1/2 = 0.34
     flat = np.full((97, 8, 8), 3.0, np.float32)
     np.testing.assert_allclose(resize_cubic(flat, (17, 12, 12), antialias=True), 3.0, atol=1e-5)
     up = rng.normal(size=(4, 8, 8)).astype(np.float32)
@@ -200,7 +218,7 @@ def test_stage_matches_the_pure_pipeline(tmp_path):
     ct, mask = _synthetic_chest()
     ct_path, lung_path = _stores(tmp_path, ct, mask)
     out = tmp_path / "roi.zarr"
-    attrs = make_roi(ct_path, lung_path, out, size=(8, 32, 48))
+    attrs = make_roi(ct_path, lung_path, out, RoiParams(size=(8, 32, 48)))
     roi = zarrio.open_image(out)
     assert roi.array.shape == (8, 32, 48) and roi.array.dtype == np.float16
     assert attrs["bbox"] == [5, 35, 30, 130, 25, 175]
@@ -218,7 +236,9 @@ def test_stage_matches_the_pure_pipeline(tmp_path):
     assert roi.attrs["fallback"] is False and roi.attrs["reason"] is None
     assert roi.attrs["patient"] == "PX" and roi.attrs["site"] == "siteA"
     # ROI voxel spacing: the box's extent over the new size (corner-aligned resize)
-    assert roi.attrs["roi_spacing_mm"] == pytest.approx([2.0 * 29 / 7, 0.8 * 99 / 31, 0.8 * 149 / 47])
+    assert roi.attrs["roi_spacing_mm"] == pytest.approx(
+        [2.0 * 29 / 7, 0.8 * 99 / 31, 0.8 * 149 / 47]
+    )
     # its origin is the physical position of the box corner
     assert roi.origin == pytest.approx((-150.0 + 25 * 0.8, -120.0 + 30 * 0.8, -400.0 + 5 * 2.0))
     # the lung on the ROI grid is stored as the OME-Zarr label "lung": the two box lungs, with
@@ -237,11 +257,11 @@ def test_failed_segmentation_is_an_error_unless_fallback(tmp_path):
     ct_path, lung_path = _stores(tmp_path, ct, empty, patient="P7")
     out = tmp_path / "roi.zarr"
     with pytest.raises(CovidctError) as err:
-        make_roi(ct_path, lung_path, out, size=(8, 32, 48))
+        make_roi(ct_path, lung_path, out, RoiParams(size=(8, 32, 48)))
     assert err.value.patient == "P7" and "lung.zarr" in str(err.value.path)
     assert "empty lung mask" in str(err.value)
     assert not out.exists()
-    attrs = make_roi(ct_path, lung_path, out, size=(8, 32, 48), allow_fallback=True)
+    attrs = make_roi(ct_path, lung_path, out, RoiParams(size=(8, 32, 48), allow_fallback=True))
     assert attrs["fallback"] is True and attrs["reason"] == "empty lung mask"
     assert attrs["bbox"] == [0, 40, 10, 150, 10, 190]          # the body's box
     assert attrs["clamp_hu"] is None
@@ -256,7 +276,7 @@ def test_mask_that_fills_the_body_is_rejected(tmp_path):
     everything[:, 10:150, 10:190] = True        # the whole body, lungs and all
     ct_path, lung_path = _stores(tmp_path, ct, everything, patient="P8")
     with pytest.raises(CovidctError, match="fills the body"):
-        make_roi(ct_path, lung_path, tmp_path / "roi.zarr", size=(8, 32, 48))
+        make_roi(ct_path, lung_path, tmp_path / "roi.zarr", RoiParams(size=(8, 32, 48)))
 
 
 def test_small_box_is_rejected_via_cli_and_falls_back(tmp_path, capsys):
@@ -274,14 +294,17 @@ def test_small_box_is_rejected_via_cli_and_falls_back(tmp_path, capsys):
     assert attrs["fallback"] is True and "2 slices" in attrs["reason"]
 
 
-# --------------------------------------------------------------------------- real CT through the CLI
+# --------------------------------------------------------------------------- real CT, the CLI
+
 
 @pytest.fixture(scope="module")
 def copd_stores(tmp_path_factory, real_data):
     tmp = tmp_path_factory.mktemp("copd")
     img = sitk.DICOMOrient(sitk.ReadImage(str(real_data / "cip_copdgene" / "ct-64.nrrd")), "LPS")
     ct_path = tmp / "ct.zarr"
-    zarrio.write_sitk(ct_path, img, attrs={"patient": "COPD1", "site": "cip"}, dtype=np.int16)
+    zarrio.write_image(ct_path, sitk.GetArrayFromImage(img).astype(np.int16),
+                       spacing=img.GetSpacing()[::-1], origin=img.GetOrigin(),
+                       direction=img.GetDirection(), attrs={"patient": "COPD1", "site": "cip"})
     lung_path = tmp / "lung.zarr"
     assert main(["segment", str(ct_path), str(lung_path)]) == 0
     return tmp, ct_path, lung_path
@@ -308,7 +331,9 @@ def test_cli_roi_and_qc_summary_on_copdgene(copd_stores, capsys):
     lo, hi = attrs["clamp_hu"]
     assert -1700 < lo < attrs["lung_mean_hu"] < hi < 0
     assert hi - attrs["lung_mean_hu"] == pytest.approx(4 * attrs["lung_std_hu"])
-    assert attrs["lung_volume_ml"] == pytest.approx(lung.sum() * np.prod(roi.attrs["ct_spacing_mm"]) / 1000, rel=1e-3)
+    assert attrs["lung_volume_ml"] == pytest.approx(
+        lung.sum() * np.prod(roi.attrs["ct_spacing_mm"]) / 1000, rel=1e-3
+    )
     assert 4000 < attrs["lung_volume_ml"] < 5200
     assert attrs["patient"] == "COPD1" and attrs["site"] == "cip" and attrs["fallback"] is False
     assert attrs["size"] == [16, 64, 96]

@@ -1,4 +1,5 @@
-"""The config and sample-sheet schemas and the sheet checks reject bad input with useful messages."""
+"""The config and sample-sheet schemas and the sheet checks reject bad input with useful
+messages."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 from covidct.errors import CovidctError
-from covidct.sheet import check_sheet, read_sheet, sites_with_role
+from covidct.io.sheet import check_sheet, read_sheet, sites_with_role
 
 
 @pytest.fixture()
@@ -62,7 +63,9 @@ GOOD = ["P1", "wuhan", "/data/p1", "covid", "covid", 50, "M", 0, 12, 1]
 
 
 def test_good_sheet_passes_schema_and_checks(tmp_path, schemas):
-    path = _sheet(tmp_path, [GOOD, ["P2", "wuhan", "/data/p2", "covid", "bacterial", 61, "F", 1, "", ""]])
+    path = _sheet(
+        tmp_path, [GOOD, ["P2", "wuhan", "/data/p2", "covid", "bacterial", 61, "F", 1, "", ""]]
+    )
     df = read_sheet(path)
     validate(df, str(schemas / "samples.schema.yaml"))
     checked = check_sheet(df, {"wuhan": {"role": "train"}})
@@ -105,6 +108,10 @@ def test_missing_columns_are_named(tmp_path):
 
 
 def test_sites_with_role_accepts_lists():
-    sites = {"a": {"role": "train"}, "b": {"role": ["diagnosis", "prognosis"]}, "c": {"role": "prognosis"}}
+    sites = {
+        "a": {"role": "train"},
+        "b": {"role": ["diagnosis", "prognosis"]},
+        "c": {"role": "prognosis"},
+    }
     assert sites_with_role(sites, "prognosis") == ["b", "c"]
     assert sites_with_role(sites, "train") == ["a"]

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from covidct import zarrio
 from covidct.cli import main
-from covidct.segment import (ThresholdParams, convex_hull_2d, dice, fill_holes_2d,
-                             threshold_lung_mask)
+from covidct.io import stores as zarrio
+from covidct.params import ThresholdParams
+from covidct.preprocess.lung_threshold import threshold_lung_mask
+from covidct.preprocess.morphology import convex_hull_2d, dice, fill_holes_2d
 
 
 def _read_lps(path):
@@ -43,10 +44,17 @@ def test_copdgene_dice_at_least_098(copd):
 
 def test_copdgene_against_full_resolution_left_right_map(real_data, copd):
     """Second, independent check: the full-res CIP left/right map resampled onto the ct-64 grid."""
-    lr = sitk.DICOMOrient(sitk.ReadImage(str(real_data / "cip_copdgene" /
-                                             "10002K_INSP_STD_BWH_COPD_leftLungRightLung.nrrd")), "LPS")
-    lr64 = sitk.GetArrayFromImage(sitk.Resample(lr, copd["img"], sitk.Transform(), sitk.sitkNearestNeighbor,
-                                                0, sitk.sitkUInt8))
+    lr = sitk.DICOMOrient(
+        sitk.ReadImage(
+            str(real_data / "cip_copdgene" / "10002K_INSP_STD_BWH_COPD_leftLungRightLung.nrrd")
+        ),
+        "LPS",
+    )
+    lr64 = sitk.GetArrayFromImage(
+        sitk.Resample(
+            lr, copd["img"], sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8
+        )
+    )
     assert dice(copd["mask"], lr64 > 0) >= 0.98
     # sides: CIP label 2 = right lung, 3 = left lung; volumes on the working grid per side
     voxel_ml = float(np.prod(copd["spacing"])) / 1000
@@ -81,7 +89,9 @@ def test_dense_pleural_lesion_stays_inside(copd):
     k = np.argmax(ys[right] - xs[right])           # most posterior-lateral right-lung pixel
     cy, cx = ys[right][k], xs[right][k]
     Z, Y, X = np.ogrid[:ct.shape[0], :ct.shape[1], :ct.shape[2]]
-    lesion = ((((Z - z) * sp[0]) ** 2 + ((Y - cy) * sp[1]) ** 2 + ((X - cx) * sp[2]) ** 2) <= 15 ** 2) & ref
+    lesion = (
+        (((Z - z) * sp[0]) ** 2 + ((Y - cy) * sp[1]) ** 2 + ((X - cx) * sp[2]) ** 2) <= 15**2
+    ) & ref
     ct2 = ct.copy()
     ct2[lesion] = 30
     with_fill, _ = threshold_lung_mask(ct2, sp)
@@ -200,13 +210,17 @@ def test_cli_segment_writes_mask_store(tmp_path, copd):
     lung = zarrio.open_image(out)
     ct = zarrio.open_image(ct_path)
     assert lung.array.dtype == np.uint8 and lung.array.shape == ct.array.shape
-    assert lung.spacing == ct.spacing and lung.origin == ct.origin and lung.direction == ct.direction
+    assert (
+        lung.spacing == ct.spacing and lung.origin == ct.origin and lung.direction == ct.direction
+    )
     attrs = lung.attrs
     assert attrs["method"] == "threshold" and attrs["patient"] == "COPD1" and attrs["site"] == "cip"
     assert attrs["params"]["close_mm"] == 3.0 and attrs["params"]["threshold"] is None
     assert -480 <= attrs["threshold_hu"] <= -430
     assert dice(lung.read(), copd["ref"]) >= 0.98
-    assert attrs["lung_volume_ml"] == pytest.approx(lung.read().sum() * np.prod(ct.spacing) / 1000, rel=1e-3)
+    assert attrs["lung_volume_ml"] == pytest.approx(
+        lung.read().sum() * np.prod(ct.spacing) / 1000, rel=1e-3
+    )
 
 
 def test_cli_segment_errors_name_patient_and_file(tmp_path, capsys):
@@ -226,8 +240,8 @@ def test_cli_segment_errors_name_patient_and_file(tmp_path, capsys):
 def test_synthetic_cohort_phantoms(label, severity, seed):
     """The demo cohort's phantoms (covidct.synth): accurate on mild disease; on severe disease
     dense lesions may leave the mask, but the lung box that the ROI uses stays the true one."""
-    from covidct.roi import lung_bbox
-    from covidct.synth import make_patient
+    from covidct.preprocess.roi import lung_bbox
+    from covidct.synth.patient import make_patient
 
     volume, truth, spacing, _ = make_patient({"label": label, "severity": severity, "seed": seed,
                                               "sex": "F" if seed % 2 else "M"})

@@ -22,7 +22,7 @@ BIN = Path(sys.executable).parent
 SNAKEMAKE = str(BIN / "snakemake")
 PROFILE = Path("workflow") / "profiles" / "slurm"
 
-# Rules that train or run the networks: one GPU each (the list).
+# Rules that train or run the networks: one GPU each.
 GPU_RULES = {"pretrain_egfr", "finetune_covid", "train_random_init", "train_lung_segmenter",
              "predict_finetune_covid", "predict_random_init", "explain"}
 PREPROCESS_RULES = {"ingest", "segment", "roi"}
@@ -77,7 +77,10 @@ def test_gpu_rules_ask_for_one_gpu_more_memory_and_time(profile):
         res = _resources(profile, rule)
         assert "gpu" not in res and "gres" not in res, f"{rule} is a CPU rule"
     # training outlasts inference
-    assert _resources(profile, "pretrain_egfr")["runtime"] > _resources(profile, "predict_finetune_covid")["runtime"]
+    assert (
+        _resources(profile, "pretrain_egfr")["runtime"]
+        > _resources(profile, "predict_finetune_covid")["runtime"]
+    )
 
 
 def test_preprocess_is_grouped_and_sized_for_a_sequential_job_step(profile, repo):
@@ -107,7 +110,9 @@ def _dry_run(repo: Path, workdir: Path, config: dict) -> str:
     for name in ("Snakefile", "workflow"):
         (workdir / name).symlink_to(repo / name)
     (workdir / "tiny.yaml").write_text(yaml.safe_dump(config))
-    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", OMP_NUM_THREADS="1")
+    env = dict(
+        os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", OMP_NUM_THREADS="1"
+    )
     proc = subprocess.run([SNAKEMAKE, "-n", "--workflow-profile", str(PROFILE),
                            "--configfile", "tiny.yaml"],
                           cwd=workdir, capture_output=True, text=True, timeout=300, env=env)
@@ -126,7 +131,9 @@ def _jobs(log: str) -> list[tuple[str, bool, int, dict]]:
         threads = re.search(r"threads: (\d+)", body)
         res = re.search(r"resources: (.*)", body)
         resources = dict(kv.split("=", 1) for kv in res.group(1).split(", ")) if res else {}
-        jobs.append((m.group(2), bool(m.group(1)), int(threads.group(1)) if threads else 1, resources))
+        jobs.append(
+            (m.group(2), bool(m.group(1)), int(threads.group(1)) if threads else 1, resources)
+        )
     return jobs
 
 

@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 from scipy import stats as st
 from sklearn.calibration import calibration_curve as sk_calibration_curve
-from sklearn.metrics import (accuracy_score, confusion_matrix, f1_score, recall_score,
-                             roc_auc_score)
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, recall_score, roc_auc_score
 
-from covidct import stats
+from covidct.analysis import stats
 
 
 # ----------------------------------------------------------------------------- references

@@ -15,15 +15,16 @@ from scipy import ndimage, stats
 
 from covidct import cli
 from covidct.errors import CovidctError
-from covidct.phantom import AIR, BONE, FAT, LUNG, PADDING, TABLE
-from covidct.sheet import COLUMNS, check_sheet
-from covidct.synth import cohort_table, identity, make_patient
+from covidct.io.sheet import COLUMNS, check_sheet
+from covidct.synth.anatomy import AIR, BONE, FAT, LUNG, PADDING, TABLE
+from covidct.synth.cohort import cohort_table
+from covidct.synth.patient import identity, make_patient
 
 SMALL = dict(matrix=64, pixel_mm=5.5, slice_mm=5.0, n_slices=60, noise_hu=10.0, kernel_mm=1.0,
              padding_hu=-3024, age=55, sex="M")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def patient(label: str, seed: int, severity: float = 0.6, **extra):
     task = "egfr" if label.startswith("egfr") else "covid"
     params = dict(SMALL, label=label, task=task, seed=seed, severity=severity, **extra)
@@ -67,7 +68,9 @@ def test_same_seed_same_volume_other_seed_differs():
 
 def test_lesions_off_keeps_anatomy_and_noise():
     with_l = patient("covid", 21, 0.8)
-    without = make_patient(dict(SMALL, label="covid", task="covid", seed=21, severity=0.8), lesions=False)
+    without = make_patient(
+        dict(SMALL, label="covid", task="covid", seed=21, severity=0.8), lesions=False
+    )
     assert np.array_equal(with_l[1], without[1])
     outside = with_l[1] == 0
     # the body outside the lungs is voxel-identical (up to the blur spilling over the pleura)
@@ -144,7 +147,9 @@ def test_mycoplasma_and_fungal_have_lesions():
     myco = lesion_stats("mycoplasma", 4, 0.7)
     fungal = lesion_stats("fungal", 4, 0.7)
     assert myco["n"] > 10 and fungal["n"] > 10
-    assert myco["burden"] < 0.2 and fungal["burden"] < 0.2    # focal, unlike COVID-19 at this severity
+    assert (
+        myco["burden"] < 0.2 and fungal["burden"] < 0.2
+    )  # focal, unlike COVID-19 at this severity
     assert fungal["lesion_mean_hu"] > -500
 
 
@@ -178,20 +183,41 @@ def test_severity_drives_burden():
 # cohort table
 # ----------------------------------------------------------------------------------------------
 CONFIG = {
-    "sites": {"egfrsite": {"role": "pretrain"}, "train": {"role": "train"}, "val": {"role": "diagnosis"},
-              "prog": {"role": "prognosis"}},
+    "sites": {
+        "egfrsite": {"role": "pretrain"},
+        "train": {"role": "train"},
+        "val": {"role": "diagnosis"},
+        "prog": {"role": "prognosis"},
+    },
     "synthetic": {
         "seed": 7,
         "matrix": 64,
         "sites": {
             "egfrsite": {"n": 20, "task": "egfr", "format": "nifti", "scanner": {"slice_mm": 5.0}},
-            "train": {"n": 60, "task": "covid", "format": "dicom", "follow_up": 0.5,
-                      "mix": {"covid": 0.6, "bacterial": 0.25, "mycoplasma": 0.1, "fungal": 0.05},
-                      "scanner": {"slice_mm": 5.0, "fov_mm": 352.0, "length_mm": 300.0}},
-            "val": {"n": 30, "task": "covid", "format": "nifti", "age_mean": 58, "age_sd": 16,
-                    "mix": {"covid": 0.6, "bacterial": 0.2, "viral": 0.2}},
-            "prog": {"n": 40, "task": "covid", "format": "dicom", "follow_up": 1.0, "mix": {"covid": 1.0},
-                     "scanner": {"slice_mm": 5.0, "transfer_syntax": "rle", "reverse_z": True}},
+            "train": {
+                "n": 60,
+                "task": "covid",
+                "format": "dicom",
+                "follow_up": 0.5,
+                "mix": {"covid": 0.6, "bacterial": 0.25, "mycoplasma": 0.1, "fungal": 0.05},
+                "scanner": {"slice_mm": 5.0, "fov_mm": 352.0, "length_mm": 300.0},
+            },
+            "val": {
+                "n": 30,
+                "task": "covid",
+                "format": "nifti",
+                "age_mean": 58,
+                "age_sd": 16,
+                "mix": {"covid": 0.6, "bacterial": 0.2, "viral": 0.2},
+            },
+            "prog": {
+                "n": 40,
+                "task": "covid",
+                "format": "dicom",
+                "follow_up": 1.0,
+                "mix": {"covid": 1.0},
+                "scanner": {"slice_mm": 5.0, "transfer_syntax": "rle", "reverse_z": True},
+            },
         },
     },
 }
@@ -200,15 +226,27 @@ CONFIG = {
 def test_cohort_table_follows_config(repo):
     t = cohort_table(CONFIG, root="out/synth")
     assert list(t.columns[:len(COLUMNS)]) == list(COLUMNS)
-    assert t.groupby("site").size().to_dict() == {"egfrsite": 20, "train": 60, "val": 30, "prog": 40}
+    assert t.groupby("site").size().to_dict() == {
+        "egfrsite": 20,
+        "train": 60,
+        "val": 30,
+        "prog": 40,
+    }
     counts = t[t.site == "train"]["label"].value_counts().to_dict()
     assert counts == {"covid": 36, "bacterial": 15, "mycoplasma": 6, "fungal": 3}
-    assert t[t.site == "val"]["label"].value_counts().to_dict() == {"covid": 18, "bacterial": 6, "viral": 6}
+    assert t[t.site == "val"]["label"].value_counts().to_dict() == {
+        "covid": 18,
+        "bacterial": 6,
+        "viral": 6,
+    }
     assert set(t[t.site == "egfrsite"]["label"]) == {"egfr_mutant", "egfr_wildtype"}
     assert t["patient"].is_unique and t["patient"].str.fullmatch(r"[a-z]+-\d{3}").all()
     assert t.loc[t.patient == "train-007", "image"].item() == "out/synth/train/train-007/dicom"
     assert t.loc[t.patient == "val-001", "image"].item() == "out/synth/val/val-001/ct.nii.gz"
-    assert (t["mask"] == t["image"].str.replace(r"/(dicom|ct\.nii\.gz)$", "/lung_mask.nii.gz", regex=True)).all()
+    assert (
+        t["mask"]
+        == t["image"].str.replace(r"/(dicom|ct\.nii\.gz)$", "/lung_mask.nii.gz", regex=True)
+    ).all()
     # every label fits its task, every site has a role: the sheet checks pass
     checked = check_sheet(t, CONFIG["sites"])
     assert checked["y"].sum() == (t.label.isin(["covid", "egfr_mutant"])).sum()
@@ -235,10 +273,14 @@ def test_cohort_table_follows_config(repo):
 
 
 def test_severity_relates_to_age_comorbidity_and_stay():
-    cfg = {"synthetic": {"seed": 3, "sites": {"big": {"n": 300, "task": "covid", "follow_up": 1.0}}}}
+    cfg = {
+        "synthetic": {"seed": 3, "sites": {"big": {"n": 300, "task": "covid", "follow_up": 1.0}}}
+    }
     t = cohort_table(cfg)
     assert stats.spearmanr(t["age"], t["severity"]).statistic > 0.2
-    assert t.loc[t.comorbidity == 1, "severity"].mean() > t.loc[t.comorbidity == 0, "severity"].mean()
+    assert (
+        t.loc[t.comorbidity == 1, "severity"].mean() > t.loc[t.comorbidity == 0, "severity"].mean()
+    )
     assert stats.spearmanr(t["severity"], t["stay_days"].astype(float)).statistic > 0.3
     assert 0.05 < (t["discharged"] == 0).mean() < 0.4
     assert 40 < t["age"].mean() < 60 and 12 < t["age"].std() < 24
@@ -252,9 +294,13 @@ def test_cohort_table_deterministic_and_site_independent():
     shuffled = json.loads(json.dumps(CONFIG, sort_keys=True))
     c = cohort_table(shuffled).set_index("patient").sort_index()
     pd.testing.assert_frame_equal(c, a.set_index("patient").sort_index())
-    fewer = {"synthetic": dict(CONFIG["synthetic"], sites={"val": CONFIG["synthetic"]["sites"]["val"]})}
+    fewer = {
+        "synthetic": dict(CONFIG["synthetic"], sites={"val": CONFIG["synthetic"]["sites"]["val"]})
+    }
     d = cohort_table(fewer)
-    pd.testing.assert_frame_equal(d.reset_index(drop=True), a[a.site == "val"].reset_index(drop=True))
+    pd.testing.assert_frame_equal(
+        d.reset_index(drop=True), a[a.site == "val"].reset_index(drop=True)
+    )
     other = cohort_table({"synthetic": dict(CONFIG["synthetic"], seed=8)})
     assert not a["seed"].equals(other["seed"])
 
@@ -302,21 +348,28 @@ def _read_series(folder):
     return reader.Execute()
 
 
-@pytest.mark.parametrize("patient", ["train-002", "prog-003"])   # explicit VR; RLE, files head-first
+@pytest.mark.parametrize("patient", ["train-002", "prog-003"])  # explicit VR; RLE, files head-first
 def test_synth_dicom_reads_back_exactly(written, patient):
     import pydicom
     import SimpleITK as sitk
 
     tmp, sheet = written
     assert cli.main(["synth", "--cohort", str(sheet), "--patient", patient]) == 0
-    row = pd.read_csv(sheet, sep="\t", dtype=str, keep_default_na=False).set_index("patient", drop=False).loc[patient]
+    row = (
+        pd.read_csv(sheet, sep="\t", dtype=str, keep_default_na=False)
+        .set_index("patient", drop=False)
+        .loc[patient]
+    )
     folder = tmp / "synth" / row["site"] / patient / "dicom"
     files = sorted(folder.glob("*.dcm"))
     assert len(files) == int(row["n_slices"])
     ds = pydicom.dcmread(files[0])
     planted = identity(row.to_dict())
     assert str(ds.PatientName) == planted["PatientName"] and ds.PatientID == planted["PatientID"]
-    assert ds.InstitutionName == planted["InstitutionName"] and ds.AccessionNumber == planted["AccessionNumber"]
+    assert (
+        ds.InstitutionName == planted["InstitutionName"]
+        and ds.AccessionNumber == planted["AccessionNumber"]
+    )
     assert ds.Modality == "CT" and ds.ConvolutionKernel == row["convolution_kernel"]
     assert ds.Manufacturer == row["manufacturer"]
     # the scan equals the one built from the in-memory cohort row (the TSV round trip is exact)
@@ -324,7 +377,9 @@ def test_synth_dicom_reads_back_exactly(written, patient):
     volume, mask, spacing, origin = make_patient(frame.loc[patient])
     img = _read_series(folder)
     assert np.array_equal(sitk.GetArrayFromImage(img), volume)
-    assert np.allclose(img.GetSpacing(), spacing[::-1]) and np.allclose(img.GetOrigin(), origin, atol=1e-3)
+    assert np.allclose(img.GetSpacing(), spacing[::-1]) and np.allclose(
+        img.GetOrigin(), origin, atol=1e-3
+    )
     m = sitk.ReadImage(str(folder.parent / "lung_mask.nii.gz"))
     assert np.array_equal(sitk.GetArrayFromImage(m), mask)
     assert np.allclose(m.GetOrigin(), origin, atol=1e-3)
@@ -344,7 +399,9 @@ def test_synth_nifti_from_spec(written, tmp_path):
     img = sitk.ReadImage(str(image))
     assert img.GetPixelID() == sitk.sitkInt16
     assert np.array_equal(sitk.GetArrayFromImage(img), volume)
-    assert np.allclose(img.GetSpacing(), spacing[::-1]) and np.allclose(img.GetOrigin(), origin, atol=1e-3)
+    assert np.allclose(img.GetSpacing(), spacing[::-1]) and np.allclose(
+        img.GetOrigin(), origin, atol=1e-3
+    )
     assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(mask))), lung)
     assert sorted(p.name for p in image.parent.iterdir()) == ["ct.nii.gz", "lung_mask.nii.gz"]
 
@@ -353,4 +410,8 @@ def test_synth_unknown_patient_is_a_clear_error(written, capsys):
     _, sheet = written
     assert cli.main(["synth", "--cohort", str(sheet), "--patient", "nobody-001"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "patient nobody-001" in err and str(sheet) in err and err.startswith("covidct synth: error:")
+    assert (
+        "patient nobody-001" in err
+        and str(sheet) in err
+        and err.startswith("covidct synth: error:")
+    )

@@ -7,13 +7,6 @@ bright sphere (radius 6 voxels, +4) at a random place. A few epochs learn that.
 from __future__ import annotations
 
 import json
-import os
-
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
-os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +15,7 @@ import pytest
 
 from covidct.cli import main
 from covidct.errors import CovidctError
-from covidct.zarrio import write_image
+from covidct.io.stores import write_image
 
 SHAPE = (16, 32, 48)
 
@@ -56,7 +49,7 @@ def train_args(root: Path, rois, out: Path, *extra: str, name: str = "pretrain_t
             "--rois", *map(str, rois), "--out", str(out), "--epochs", "3", "--batch-size", "2",
             "--val-fraction", "0.3", "--bn-momentum", "0.8", "--seed", "3", "--workers", "2",
             "--tracking-uri", f"sqlite:///{root / 'mlflow.db'}", "--experiment", "covidct-test",
-            "--tag", "rule=pretrain_test", "--config", str(root / "sheet.tsv"), *extra]
+            "--no-augment", "--config", str(root / "sheet.tsv"), *extra]
 
 
 @pytest.fixture(scope="module")
@@ -104,8 +97,8 @@ def test_outputs_and_run_record(cohort, trained):
 
 
 def test_training_roi_settings_disagreeing_or_unrecorded(tmp_path):
-    from covidct.dataset import roi_metadata
-    from covidct.train import training_roi_settings
+    from covidct.model.classifier import training_roi_settings
+    from covidct.model.dataset import roi_metadata
 
     paths = []
     for i, attrs in enumerate([{"antialias": True, "rules": {"min_pixels": 30}},
@@ -122,8 +115,8 @@ def test_training_roi_settings_disagreeing_or_unrecorded(tmp_path):
 def test_learns_the_easy_signal(cohort, trained, tmp_path):
     import keras
 
-    from covidct.dataset import RoiDataset
-    from covidct.train import binary_auc
+    from covidct.model.classifier import binary_auc
+    from covidct.model.dataset import RoiDataset
 
     out, record = trained
     assert record["val_auc"] >= 0.85
@@ -148,8 +141,8 @@ def test_mlflow_run_params_metrics_and_registry(cohort, trained):
     assert params["input_shape"] == "16x32x48" and params["n_train"] == "14"
     assert params["sites"] == "henan,wuhan"
     tags = run.data.tags
-    assert tags["rule"] == "pretrain_test" and tags["sites"] == "henan,wuhan"
-    assert tags["git_commit"] and len(tags["config_hash"]) == 12
+    assert tags["covidct.rule"] == "pretrain_test" and tags["covidct.sites"] == "henan,wuhan"
+    assert tags["mlflow.source.git.commit"] and len(tags["covidct.config_hash"]) == 12
     val_auc = client.get_metric_history(record["run_id"], "val_auc")
     assert sorted(m.step for m in val_auc) == [1, 2, 3]
     loss = pd.read_csv(trained[0] / "history.csv")["loss"].tolist()
@@ -162,6 +155,7 @@ def test_mlflow_run_params_metrics_and_registry(cohort, trained):
     assert {"history.csv", "val_predictions.csv"} <= artifacts
 
 
+@pytest.mark.slow
 def test_same_seed_same_weights(cohort, trained):
     import keras
 
@@ -176,6 +170,7 @@ def test_same_seed_same_weights(cohort, trained):
     assert second["registered_model"] is None and second["run_id"] != first["run_id"]
 
 
+@pytest.mark.slow
 def test_steps_per_execution_trains_the_same_model(cohort, trained):
     """Several steps per compiled call (the GPU setting) is a speed option, not another model:
     the weights match the one-step run, and the setting is recorded in MLflow."""
@@ -195,11 +190,12 @@ def test_steps_per_execution_trains_the_same_model(cohort, trained):
     assert run.data.params["steps_per_execution"] == "3"
 
 
+@pytest.mark.slow
 def test_finetune_from_pretrained(cohort, trained):
     import keras
 
     from covidct.errors import CovidctError
-    from covidct.train import initial_model, weights_digest
+    from covidct.model.classifier import initial_model, weights_digest
 
     root, rois, _ = cohort
     pre_path = trained[0] / "model.keras"
@@ -251,7 +247,7 @@ def _ids(x):
 
 
 def test_dataset_batches_and_labels(indexed):
-    from covidct.dataset import RoiDataset
+    from covidct.model.dataset import RoiDataset
 
     labels = np.array([0, 1, 1, 0, 1, 0, 0])
     ds = RoiDataset(indexed, labels, batch_size=3)
@@ -268,7 +264,7 @@ def test_dataset_batches_and_labels(indexed):
 
 
 def test_dataset_shuffles_per_epoch_with_seed(indexed):
-    from covidct.dataset import RoiDataset
+    from covidct.model.dataset import RoiDataset
 
     labels = np.arange(7) % 2
     ds = RoiDataset(indexed, labels, batch_size=7, shuffle=True, seed=5)
@@ -286,7 +282,7 @@ def test_dataset_shuffles_per_epoch_with_seed(indexed):
 
 
 def test_dataset_class_weights(indexed):
-    from covidct.dataset import RoiDataset
+    from covidct.model.dataset import RoiDataset
 
     labels = np.array([0, 1, 1, 0, 1, 0, 0])
     x, y, w = RoiDataset(indexed, labels, batch_size=7, class_weight={0: 5.0, 1: 1.0})[0]
@@ -294,7 +290,7 @@ def test_dataset_class_weights(indexed):
 
 
 def test_dataset_augmentation(indexed):
-    from covidct.dataset import Augment, RoiDataset
+    from covidct.model.dataset import Augment, RoiDataset
 
     plain = RoiDataset(indexed, batch_size=7)[0][0]
     ds = RoiDataset(indexed, batch_size=7, augment=Augment(rotation_deg=20, scale=0.1, shift=0.1),
@@ -314,7 +310,7 @@ def test_dataset_augmentation(indexed):
 
 
 def test_dataset_cache(indexed):
-    from covidct.dataset import RoiDataset
+    from covidct.model.dataset import RoiDataset
 
     ds = RoiDataset(indexed, batch_size=2, cache=2)
     first = ds.read(0)
@@ -341,7 +337,7 @@ def labelled(tmp_path_factory):
 
 
 def test_dataset_non_lung_randomisation(labelled, indexed):
-    from covidct.dataset import Augment, RoiDataset, randomise_non_lung
+    from covidct.model.dataset import Augment, RoiDataset, randomise_non_lung
 
     zero = dict(rotation_deg=0.0, scale=0.0, shift=0.0)
     plain = RoiDataset(labelled, batch_size=3)[0][0][..., 0]
@@ -366,7 +362,7 @@ def test_dataset_non_lung_randomisation(labelled, indexed):
 
 
 def test_dataset_blur_and_noise():
-    from covidct.dataset import Augment, blur_and_noise
+    from covidct.model.dataset import Augment, blur_and_noise
 
     v = np.zeros((3, 21, 21), np.float32)
     v[:, 10, 10] = 1.0

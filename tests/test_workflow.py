@@ -1,4 +1,5 @@
-"""Real `snakemake` runs of the workflow on a tiny synthetic config (and on real scans with bad rows).
+"""Real `snakemake` runs of the workflow on a tiny synthetic config (and on real scans with bad
+rows).
 
 The tiny run is shared by the tests of this module (one run, several checks): the full DAG, the
 person-identifying DICOM fields, and the incremental-site dry runs.
@@ -17,12 +18,15 @@ import pandas as pd
 import pytest
 import yaml
 
+pytestmark = pytest.mark.slow
+
 BIN = Path(sys.executable).parent
 SNAKEMAKE = str(BIN / "snakemake")
 
 
 def _workdir(repo: Path, path: Path) -> Path:
-    """A working folder that sees the workflow but not config/config.yaml (tests bring their own)."""
+    """A working folder that sees the workflow but not config/config.yaml (tests bring their
+    own)."""
     path.mkdir(parents=True, exist_ok=True)
     for name in ("Snakefile", "workflow"):
         if not (path / name).exists():
@@ -90,7 +94,9 @@ def test_tiny_workflow_runs_end_to_end(tiny_run):
         assert metrics["n"] == cfg["synthetic"]["sites"][site]["n"]
         assert metrics["threshold"] == cfg["evaluation"]["threshold"]
         pred = pd.read_csv(results / "eval" / site / "predictions.csv")
-        assert [f"feature_{i}" for i in range(64)] == [c for c in pred.columns if c.startswith("feature_")]
+        assert [f"feature_{i}" for i in range(64)] == [
+            c for c in pred.columns if c.startswith("feature_")
+        ]
         assert pred["probability"].between(0, 1).all()
     table2 = pd.read_csv(results / "tables" / "table2.csv")
     assert not table2.empty
@@ -101,7 +107,7 @@ def test_tiny_workflow_runs_end_to_end(tiny_run):
     # every ROI carries its lung label; the explanation measures the saliency on the ROI and on
     # the scan's voxels, and the latter (the clamp pins most non-lung tissue) sits mostly in
     # the lung
-    from covidct.zarrio import read_label
+    from covidct.io.stores import read_label
 
     for roi in rois:
         lung = read_label(roi, "lung")
@@ -168,7 +174,9 @@ def test_adding_a_diagnosis_site_reruns_only_that_site(repo, tiny_run):
     jobs = _dry_run_jobs(workdir, _with_new_site(config, "newsite", "diagnosis"))
     rules = {r for r, _ in jobs}
     assert {"ingest", "segment", "roi", "evaluate_finetune_covid", "tables"} <= rules
-    per_patient = [(r, w) for r, w in jobs if r in ("synth_nifti", "synth_dicom", "ingest", "segment", "roi")]
+    per_patient = [
+        (r, w) for r, w in jobs if r in ("synth_nifti", "synth_dicom", "ingest", "segment", "roi")
+    ]
     assert len(per_patient) == 3 * 4
     assert all("site=newsite" in w for _, w in per_patient), per_patient
     assert not rules & {"pretrain_egfr", "finetune_covid", "train_random_init"}
@@ -196,7 +204,7 @@ def test_mlflow_has_the_gather_and_per_site_runs_only(tiny_run):
     evaluate_runs = [r for r in runs if (r.info.run_name or "").startswith("evaluate ")]
     assert len(evaluate_runs) == 2 * 3  # two models x three evaluated sites
     assert {"prognosis-trainsite", "prognosis-progsite"} <= set(names)
-    assert all(r.data.tags.get("config_hash") not in (None, "none") for r in runs)
+    assert all(r.data.tags.get("covidct.config_hash") not in (None, "none") for r in runs)
     # no per-patient run: the fan-out never logs to MLflow
     assert len(runs) < 20
     finetune = next(r for r in runs if r.info.run_name == "finetune_covid")

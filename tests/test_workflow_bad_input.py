@@ -5,9 +5,11 @@ from __future__ import annotations
 import subprocess
 
 import pandas as pd
+import pytest
 import yaml
-
 from test_workflow import SNAKEMAKE, _snakemake, _workdir
+
+pytestmark = pytest.mark.slow
 
 
 def _config(workdir, sheet):
@@ -28,7 +30,9 @@ def _row(patient, image, label="covid"):
 def test_bad_scans_fail_alone_and_name_patient_and_file(repo, real_data, tmp_path):
     workdir = _workdir(repo, tmp_path / "run")
     truncated = tmp_path / "truncated.nii.gz"
-    truncated.write_bytes((real_data / "covid_ct_md" / "P002_ct_bin4x4x1.nii.gz").read_bytes()[:5000])
+    truncated.write_bytes(
+        (real_data / "covid_ct_md" / "P002_ct_bin4x4x1.nii.gz").read_bytes()[:5000]
+    )
     empty = tmp_path / "empty_folder"
     empty.mkdir()
     missing = tmp_path / "nowhere" / "ct.nii.gz"

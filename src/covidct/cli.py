@@ -1,9 +1,9 @@
 """The ``covidct`` command: one subcommand per pipeline stage.
 
 Only the module of the chosen stage is imported, so ``covidct ingest --help`` never pulls in
-TensorFlow or MLflow. A stage module provides ``add_arguments(parser)`` and ``run(args)``;
-``run`` returns an exit status (or None for success) and raises :class:`CovidctError` for bad
-input, which is printed as one line naming the patient and the file.
+TensorFlow or MLflow. A stage module provides ``add_arguments(parser)`` and ``run(args)`` (or
+``add_arguments_<stage>``/``run_<stage>`` when it holds two stages); ``run`` raises
+:class:`CovidctError` for bad input, printed as one line naming the patient and the file.
 """
 
 from __future__ import annotations
@@ -18,20 +18,31 @@ from covidct.errors import CovidctError
 
 # stage name -> (module, one-line description). Order is the order of the pipeline.
 STAGES: dict[str, tuple[str, str]] = {
-    "synth": ("covidct.synth", "write one synthetic chest CT (DICOM or NIfTI) of the demo cohort"),
-    "cohort": ("covidct.synth", "write the synthetic cohort's sample sheet"),
-    "ingest": ("covidct.ingest", "read a DICOM folder or NIfTI/MHA/NRRD file into ct.zarr (HU, int16)"),
-    "segment": ("covidct.segment", "lung mask from ct.zarr into lung.zarr (threshold or fpn)"),
-    "train-segmenter": ("covidct.fpn", "train the DenseNet121-FPN lung segmenter"),
-    "roi": ("covidct.roi", "lung-ROI crop, non-lung suppression and resize into roi.zarr"),
-    "qc-summary": ("covidct.roi", "gather per-patient ROI attributes into a cohort QC table"),
-    "train": ("covidct.train", "train COVID-19Net (EGFR pretraining, COVID fine-tuning, random init)"),
-    "predict-site": ("covidct.predict", "COVID-19 probability and 64-d feature for every patient of a site"),
-    "evaluate": ("covidct.evaluate", "diagnostic metrics, ROC and calibration for one site"),
-    "tables": ("covidct.tables", "Table 2, Table S2 and combined figures from the per-site metrics"),
-    "prognosis": ("covidct.prognosis", "stepwise Cox model, risk groups and Kaplan-Meier per site"),
-    "explain": ("covidct.explain", "saliency maps, filter patterns and feature PCA"),
-    "predict": ("covidct.predict", "run one scan through the trained system; JSON on stdout"),
+    "cohort": ("covidct.synth.cohort", "write the synthetic cohort's sample sheet"),
+    "synth": ("covidct.synth.patient", "write one synthetic chest CT (DICOM or NIfTI) of the demo "
+                                       "cohort"),
+    "ingest": ("covidct.preprocess.ingest", "read a DICOM folder or NIfTI/MHA/NRRD file into "
+                                            "ct.zarr (HU, int16)"),
+    "segment": ("covidct.preprocess.segment", "lung mask from ct.zarr into lung.zarr (threshold "
+                                              "or fpn)"),
+    "train-segmenter": ("covidct.model.segmenter", "train the DenseNet121-FPN lung segmenter"),
+    "roi": ("covidct.preprocess.roi", "lung-ROI crop, non-lung suppression and resize into "
+                                      "roi.zarr"),
+    "qc-summary": ("covidct.preprocess.qc", "gather per-patient ROI attributes into a cohort QC "
+                                            "table"),
+    "train": ("covidct.model.classifier", "train COVID-19Net (EGFR pretraining, COVID fine-tuning, "
+                                          "random init)"),
+    "predict-site": ("covidct.inference.site", "COVID-19 probability and 64-d feature for every "
+                                               "patient of a site"),
+    "evaluate": ("covidct.analysis.evaluate", "diagnostic metrics, ROC and calibration for one "
+                                              "site"),
+    "tables": ("covidct.analysis.tables", "Table 2, Table S2 and combined figures from the "
+                                          "per-site metrics"),
+    "prognosis": ("covidct.analysis.prognosis", "Cox model, risk groups and Kaplan-Meier per "
+                                                "site"),
+    "explain": ("covidct.explain.stage", "saliency maps, filter patterns and feature PCA"),
+    "predict": ("covidct.inference.scan", "run one scan through the trained system; JSON on "
+                                          "stdout"),
 }
 
 

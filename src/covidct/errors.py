@@ -21,7 +21,7 @@ class CovidctError(Exception):
         super().__init__(message)
 
     def with_context(self, *, step: str | None = None, patient: str | None = None,
-                     path: str | Path | None = None) -> "CovidctError":
+                     path: str | Path | None = None) -> CovidctError:
         """Fill in context that the raising code did not know (never overwrites what it knew)."""
         self.step = self.step or step
         self.patient = self.patient or patient

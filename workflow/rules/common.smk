@@ -9,7 +9,8 @@ from pathlib import Path
 import pandas as pd
 from snakemake.utils import validate
 
-from covidct.sheet import check_sheet, read_sheet, sites_with_role
+from covidct import params as P
+from covidct.io.sheet import COLUMNS, check_sheet, read_sheet, sites_with_role
 
 validate(config, "../schemas/config.schema.yaml")
 
@@ -19,24 +20,29 @@ validate(config, "../schemas/config.schema.yaml")
 # COVIDCT_CONFIG names the config file whose hash tags the MLflow runs; it is no rule parameter,
 # so editing the config (e.g. adding a site) reruns only what the change touches.
 CONFIG_FILE = str(Path(workflow.configfiles[-1]).resolve()) if workflow.configfiles else ""
-shell.prefix(f"export PATH=\"$PATH:{Path(sys.executable).parent}\" TF_CPP_MIN_LOG_LEVEL=2"
-             f" COVIDCT_CONFIG={shlex.quote(CONFIG_FILE)}; ")
+shell.prefix(
+    f'export PATH="$PATH:{Path(sys.executable).parent}" TF_CPP_MIN_LOG_LEVEL=2'
+    f" COVIDCT_CONFIG={shlex.quote(CONFIG_FILE)}; "
+)
 
 SITES = config["sites"]
 SYNTHETIC = not config.get("samples")
 RESULTS = "results"
-MLFLOW = config["mlflow"]
 TRAINING = config["training"]
-EVALUATION = config["evaluation"]
-PROGNOSIS = config["prognosis"]
-EXPLAIN = config["explain"]
 SEGMENTATION = config["segmentation"]
-TRACKING = f"--tracking-uri {MLFLOW['tracking_uri']} --experiment {MLFLOW['experiment']}"
+
+
+def stage_options(cls, section, exclude=()):
+    """A config section as the command-line options of its stage (covidct.params)."""
+    return P.as_options(P.from_config(cls, section), exclude=exclude)
+
+
+TRACKING = stage_options(P.TrackingParams, config["mlflow"])
 
 
 def _load_samples():
     if SYNTHETIC:
-        from covidct.synth import cohort_table
+        from covidct.synth.cohort import cohort_table
 
         table = cohort_table(config, root=f"{RESULTS}/synth")
         sheet_path = "the synthetic cohort (config: synthetic)"
@@ -44,8 +50,7 @@ def _load_samples():
         table = read_sheet(config["samples"])
         sheet_path = config["samples"]
     table = check_sheet(table, SITES, path=sheet_path)
-    columns = [c for c in ("patient", "site", "image", "task", "label", "age", "sex",
-                           "comorbidity", "stay_days", "discharged") if c in table.columns]
+    columns = [c for c in COLUMNS if c in table.columns]
     validate(table[columns].reset_index(drop=True), "../schemas/samples.schema.yaml")
     return table
 
@@ -84,16 +89,9 @@ def patients_of(sites):
     return samples[samples["site"].isin(list(sites))]
 
 
-def roi_paths(sites):
-    return [f"{patient_dir(r)}/roi.zarr" for r in patients_of(sites).itertuples()]
-
-
-def ct_paths(sites):
-    return [f"{patient_dir(r)}/ct.zarr" for r in patients_of(sites).itertuples()]
-
-
-def lung_paths(sites):
-    return [f"{patient_dir(r)}/lung.zarr" for r in patients_of(sites).itertuples()]
+def store_paths(sites, store):
+    """The ``store`` (ct.zarr, lung.zarr, roi.zarr) of every patient of ``sites``."""
+    return [f"{patient_dir(r)}/{store}" for r in patients_of(sites).itertuples()]
 
 
 def site_role(site):
@@ -116,11 +114,10 @@ def site_rows_digest(wildcards):
 
 
 def write_site_sheet(site, path):
-    from covidct.zarrio import atomic_path
+    from covidct.io.atomic import write_csv
 
     rows = samples[samples["site"] == site].drop(columns=["y"])
-    with atomic_path(path) as tmp:
-        rows.to_csv(tmp, sep="\t", index=False)
+    write_csv(path, rows, sep="\t")
     return len(rows)
 
 
@@ -148,7 +145,9 @@ def synth_spec(wildcards):
 
 def synth_sites(fmt):
     """Sites whose synthetic scans are written as ``fmt`` (a wildcard constraint)."""
-    sites = {r.site for r in samples.itertuples() if (Path(r.image).name == "dicom") == (fmt == "dicom")}
+    sites = {
+        r.site for r in samples.itertuples() if (Path(r.image).name == "dicom") == (fmt == "dicom")
+    }
     return "|".join(sorted(sites)) or "no-site"
 
 
@@ -164,7 +163,9 @@ def segmenter_model_input(wildcards):
 
 
 def segment_env():
-    return "../../envs/deep.yaml" if SEGMENTATION["method"] == "fpn" else "../../envs/preprocess.yaml"
+    if SEGMENTATION["method"] == "fpn":
+        return "../../envs/deep.yaml"
+    return "../../envs/preprocess.yaml"
 
 
 def _segmenter_pairs():
@@ -174,8 +175,10 @@ def _segmenter_pairs():
         table = pd.read_csv(train["sheet"], sep="\t", dtype=str)
         pairs = list(zip(table["image"], table["mask"]))
     else:
-        pairs = [(r.image, f"{RESULTS}/synth/{r.site}/{r.patient}/lung_mask.nii.gz")
-                 for r in samples.itertuples()]
+        pairs = [
+            (r.image, f"{RESULTS}/synth/{r.site}/{r.patient}/lung_mask.nii.gz")
+            for r in samples.itertuples()
+        ]
     return pairs[: train["max_patients"]]
 
 
@@ -185,8 +188,12 @@ def segmenter_pairs_input(wildcards):
 
 def segmenter_pairs_flag(wildcards):
     pairs = _segmenter_pairs()
-    return ("--images " + " ".join(shlex.quote(i) for i, _ in pairs)
-            + " --masks " + " ".join(shlex.quote(m) for _, m in pairs))
+    return (
+        "--images "
+        + " ".join(shlex.quote(i) for i, _ in pairs)
+        + " --masks "
+        + " ".join(shlex.quote(m) for _, m in pairs)
+    )
 
 
 def segmenter_weights_flag(wildcards):
@@ -197,35 +204,19 @@ def segmenter_weights_flag(wildcards):
 # ---- training, evaluation, prognosis -------------------------------------------------------
 
 
-def train_params(name, sites, class_weight=True):
-    return dict(
-        name=name,
-        backend=TRAINING["backend"],
-        out=lambda wc, output: Path(output.model).parent,
-        epochs=TRAINING["epochs"][name],
-        sites=",".join(sites),
-        class_weight=f"--class-weight {TRAINING['class_weight']}" if class_weight else "",
-        augment=(f"--augment --augment-non-lung {TRAINING['augment_non_lung']}"
-                 f" --augment-noise {TRAINING['augment_noise']}"
-                 f" --augment-blur {TRAINING['augment_blur']}") if TRAINING["augment"] else "",
-        tracking=TRACKING,
-        t={k: TRAINING[k] for k in ("batch_size", "lr", "lr_factor", "lr_patience", "val_fraction",
-                                    "seed", "mixed_precision", "workers", "bn_momentum",
-                                    "steps_per_execution")},
+def train_options(name, rule, sites, task):
+    """The options of one training rule: the training section, its epochs, its tags."""
+    class_weight = TRAINING.get("class_weight") if task == "covid" else None
+    params = P.from_config(
+        P.TrainParams, TRAINING, epochs=TRAINING["epochs"][name], class_weight=class_weight
     )
+    tags = f"--tag covidct.rule={rule} --tag covidct.sites={','.join(sites)}"
+    return f"--name {name} --task {task} {P.as_options(params)} {tags} {TRACKING}"
 
 
 TRAIN_SHELL = (
-    "KERAS_BACKEND={params.backend} covidct train --name {params.name} --task {params.task}"
-    " --sheet {input.sheets} --rois {input.rois} --out {params.out} {params.init}"
-    " --epochs {params.epochs} --batch-size {params.t[batch_size]} --lr {params.t[lr]}"
-    " --lr-factor {params.t[lr_factor]} --lr-patience {params.t[lr_patience]}"
-    " --bn-momentum {params.t[bn_momentum]}"
-    " {params.class_weight} --val-fraction {params.t[val_fraction]} --seed {params.t[seed]}"
-    " {params.augment} --mixed-precision {params.t[mixed_precision]}"
-    " --workers {params.t[workers]} --steps-per-execution {params.t[steps_per_execution]}"
-    " --tag rule={params.name} --tag sites={params.sites}"
-    " {params.tracking} > {log} 2>&1"
+    "KERAS_BACKEND={params.backend} covidct train --sheet {input.sheets} --rois {input.rois}"
+    " --out {params.out} {params.init} {params.options} > {log} 2>&1"
 )
 
 # model -> the folder of its per-site evaluation, below results/
@@ -243,10 +234,6 @@ def subgroup_flags(wildcards):
 
 def validate_flag(wildcards, input):
     return f"--validate {' '.join(input.validate)}" if input.validate else ""
-
-
-def layers_flag(wildcards):
-    return f"--layers {' '.join(EXPLAIN['layers'])}" if EXPLAIN["layers"] else ""
 
 
 def final_outputs():

@@ -9,17 +9,17 @@ for _model in EVAL_DIRS:
             f"predict_{_model}"
         input:
             model=f"{RESULTS}/models/{_model}/model.keras",
-            rois=lambda wc: roi_paths([wc.site]),
+            rois=lambda wc: store_paths([wc.site], "roi.zarr"),
             sheet=lambda wc: site_sheet(wc.site),
         output:
             eval_file(_model, "predictions.csv"),
-        params:
-            backend=TRAINING["backend"],
-            model_name=_model,
         log:
             f"logs/predict/{_model}/{{site}}.log",
         conda:
             "../../envs/deep.yaml"
+        params:
+            backend=TRAINING["backend"],
+            model_name=_model,
         shell:
             "KERAS_BACKEND={params.backend} covidct predict-site --model {input.model}"
             " --sheet {input.sheet} --site {wildcards.site} --rois {input.rois} --out {output}"
@@ -33,29 +33,34 @@ for _model in EVAL_DIRS:
             train=[eval_file(_model, "predictions.csv", s) for s in TRAIN_SITES],
         output:
             metrics=eval_file(_model, "metrics.json"),
-            roc=report(eval_file(_model, "roc.png"), caption="../report/roc.rst",
-                       category="Diagnosis", subcategory=_model,
-                       labels={"site": "{site}", "figure": "ROC"}),
-            calibration=report(eval_file(_model, "calibration.png"),
-                               caption="../report/calibration.rst", category="Diagnosis",
-                               subcategory=_model, labels={"site": "{site}", "figure": "calibration"}),
-        params:
-            outdir=lambda wc, output: Path(output.metrics).parent,
-            threshold=EVALUATION["threshold"],
-            ci=EVALUATION["ci"],
-            n_boot=EVALUATION["n_bootstrap"],
-            subgroups=subgroup_flags,
-            role=lambda wc: site_role(wc.site),
-            model_name=_model,
-            tracking=TRACKING,
+            roc=report(
+                eval_file(_model, "roc.png"),
+                caption="../report/roc.rst",
+                category="Diagnosis",
+                subcategory=_model,
+                labels={"site": "{site}", "figure": "ROC"},
+            ),
+            calibration=report(
+                eval_file(_model, "calibration.png"),
+                caption="../report/calibration.rst",
+                category="Diagnosis",
+                subcategory=_model,
+                labels={"site": "{site}", "figure": "calibration"},
+            ),
         log:
             f"logs/evaluate/{_model}/{{site}}.log",
         conda:
             "../../envs/stats.yaml"
+        params:
+            outdir=lambda wc, output: Path(output.metrics).parent,
+            options=stage_options(P.EvaluationParams, config["evaluation"]),
+            subgroups=subgroup_flags,
+            role=lambda wc: site_role(wc.site),
+            model_name=_model,
+            tracking=TRACKING,
         shell:
-            "covidct evaluate {input.predictions} {params.outdir} --threshold {params.threshold}"
-            " --youden-from {input.train} --ci {params.ci} --n-bootstrap {params.n_boot}"
-            " {params.subgroups} --site {wildcards.site} --role {params.role}"
+            "covidct evaluate {input.predictions} {params.outdir} {params.options}"
+            " --youden-from {input.train} {params.subgroups} --site {wildcards.site} --role {params.role}"
             " --model-name {params.model_name} {params.tracking} > {log} 2>&1"
 
 
@@ -65,21 +70,30 @@ rule tables:
         ablation=[eval_file("random_init", "metrics.json", s) for s in EVAL_SITES],
         predictions=[eval_file("finetune_covid", "predictions.csv", s) for s in EVAL_SITES],
     output:
-        table2=report(f"{RESULTS}/tables/table2.md", caption="../report/table2.rst", category="Tables"),
+        table2=report(
+            f"{RESULTS}/tables/table2.md", caption="../report/table2.rst", category="Tables"
+        ),
         table2_csv=f"{RESULTS}/tables/table2.csv",
-        table_s2=report(f"{RESULTS}/tables/table_s2.md", caption="../report/table_s2.rst",
-                        category="Tables"),
+        table_s2=report(
+            f"{RESULTS}/tables/table_s2.md", caption="../report/table_s2.rst", category="Tables"
+        ),
         table_s2_csv=f"{RESULTS}/tables/table_s2.csv",
-        roc=report(f"{RESULTS}/tables/figure3a_roc.png", caption="../report/figure3.rst",
-                   category="Diagnosis"),
-        calibration=report(f"{RESULTS}/tables/figure3b_calibration.png",
-                           caption="../report/figure3.rst", category="Diagnosis"),
-    params:
-        out_dir=lambda wc, output: Path(output.table2).parent,
+        roc=report(
+            f"{RESULTS}/tables/figure3a_roc.png",
+            caption="../report/figure3.rst",
+            category="Diagnosis",
+        ),
+        calibration=report(
+            f"{RESULTS}/tables/figure3b_calibration.png",
+            caption="../report/figure3.rst",
+            category="Diagnosis",
+        ),
     log:
         "logs/tables.log",
     conda:
         "../../envs/stats.yaml"
+    params:
+        out_dir=lambda wc, output: Path(output.table2).parent,
     shell:
         "covidct tables --metrics {input.metrics} --ablation {input.ablation}"
         " --out-dir {params.out_dir} > {log} 2>&1"

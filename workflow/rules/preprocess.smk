@@ -7,16 +7,18 @@ rule ingest:
         image=image_input,
     output:
         ct=directory(f"{RESULTS}/patients/{{site}}/{{patient}}/ct.zarr"),
-    params:
-        image=lambda wc: samples.loc[wc.patient, "image"],
     log:
         "logs/ingest/{site}/{patient}.log",
-    conda:
-        "../../envs/preprocess.yaml"
     group:
         "preprocess"
+    conda:
+        "../../envs/preprocess.yaml"
+    params:
+        image=lambda wc: samples.loc[wc.patient, "image"],
+        options=stage_options(P.IngestParams, config["ingest"]),
     shell:
-        "covidct ingest {params.image:q} {output.ct} --patient {wildcards.patient} > {log} 2>&1"
+        "covidct ingest {params.image:q} {output.ct} --patient {wildcards.patient}"
+        " {params.options} > {log} 2>&1"
 
 
 rule segment:
@@ -25,18 +27,19 @@ rule segment:
         model=segmenter_model_input,
     output:
         lung=directory(f"{RESULTS}/patients/{{site}}/{{patient}}/lung.zarr"),
+    log:
+        "logs/segment/{site}/{patient}.log",
+    group:
+        "preprocess"
+    conda:
+        segment_env()
     params:
         method=SEGMENTATION["method"],
         model=lambda wc, input: f"--model {input.model[0]}" if input.model else "",
-    log:
-        "logs/segment/{site}/{patient}.log",
-    conda:
-        segment_env()
-    group:
-        "preprocess"
+        options=stage_options(P.ThresholdParams, SEGMENTATION["threshold"]),
     shell:
         "covidct segment {input.ct} {output.lung} --method {params.method} {params.model}"
-        " --patient {wildcards.patient} > {log} 2>&1"
+        " {params.options} --patient {wildcards.patient} > {log} 2>&1"
 
 
 rule roi:
@@ -46,28 +49,28 @@ rule roi:
     output:
         roi=directory(f"{RESULTS}/patients/{{site}}/{{patient}}/roi.zarr"),
         qc=f"{RESULTS}/patients/{{site}}/{{patient}}/qc.png",
-    params:
-        size=" ".join(str(s) for s in config["roi"]["size"]),
-        fallback="--allow-fallback" if SEGMENTATION["allow_fallback"] else "",
-        min_pixels=config["roi"]["min_pixels"],
-        antialias="--antialias" if config["roi"]["antialias"] else "--no-antialias",
     log:
         "logs/roi/{site}/{patient}.log",
-    conda:
-        "../../envs/preprocess.yaml"
     group:
         "preprocess"
+    conda:
+        "../../envs/preprocess.yaml"
+    params:
+        options=stage_options(P.RoiParams, config["roi"]),
     shell:
-        "covidct roi {input.ct} {input.lung} {output.roi} --size {params.size} --qc {output.qc}"
-        " --min-pixels {params.min_pixels} {params.antialias} {params.fallback} --patient {wildcards.patient} --site {wildcards.site} > {log} 2>&1"
+        "covidct roi {input.ct} {input.lung} {output.roi} --qc {output.qc} {params.options}"
+        " --patient {wildcards.patient} --site {wildcards.site} > {log} 2>&1"
 
 
 rule qc_summary:
     input:
         rois=[f"{patient_dir(r)}/roi.zarr" for r in samples.itertuples()],
     output:
-        report(f"{RESULTS}/tables/qc_summary.tsv", caption="../report/qc_summary.rst",
-               category="Preprocessing"),
+        report(
+            f"{RESULTS}/tables/qc_summary.tsv",
+            caption="../report/qc_summary.rst",
+            category="Preprocessing",
+        ),
     log:
         "logs/qc_summary.log",
     conda:
@@ -85,21 +88,20 @@ if SEGMENTATION["method"] == "fpn" and not SEGMENTATION["model"]:
         output:
             model=f"{RESULTS}/models/lung_fpn/model.keras",
             run=f"{RESULTS}/models/lung_fpn/run.json",
-        params:
-            pairs=segmenter_pairs_flag,
-            out=lambda wc, output: Path(output.model).parent,
-            train=SEGMENTATION["train"],
-            weights=segmenter_weights_flag,
-            backend=TRAINING["backend"],
-            tracking=TRACKING,
-        resources:
-            gpu=1,
-        threads: TRAINING["threads"]
         log:
             "logs/train/lung_fpn.log",
         conda:
             "../../envs/deep.yaml"
+        threads: TRAINING["threads"]
+        resources:
+            gpu=1,
+        params:
+            pairs=segmenter_pairs_flag,
+            out=lambda wc, output: Path(output.model).parent,
+            options=stage_options(P.SegmenterTrainParams, SEGMENTATION["train"]),
+            weights=segmenter_weights_flag,
+            backend=TRAINING["backend"],
+            tracking=TRACKING,
         shell:
             "KERAS_BACKEND={params.backend} covidct train-segmenter {params.pairs} --out {params.out}"
-            " --epochs {params.train[epochs]} --batch-size {params.train[batch_size]}"
-            " --size {params.train[size]} {params.weights} {params.tracking} > {log} 2>&1"
+            " {params.options} {params.weights} {params.tracking} > {log} 2>&1"

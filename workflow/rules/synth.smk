@@ -8,16 +8,16 @@ if SYNTHETIC:
         output:
             image=directory(f"{RESULTS}/synth/{{site}}/{{patient}}/dicom"),
             mask=f"{RESULTS}/synth/{{site}}/{{patient}}/lung_mask.nii.gz",
-        wildcard_constraints:
-            site=synth_sites("dicom"),
-        params:
-            spec=synth_spec,
         log:
             "logs/synth/{site}/{patient}.log",
-        conda:
-            "../../envs/preprocess.yaml"
+        wildcard_constraints:
+            site=synth_sites("dicom"),
         group:
             "preprocess"
+        conda:
+            "../../envs/preprocess.yaml"
+        params:
+            spec=synth_spec,
         shell:
             "covidct synth --spec {params.spec} --image {output.image} --mask {output.mask} > {log} 2>&1"
 
@@ -25,16 +25,16 @@ if SYNTHETIC:
         output:
             image=f"{RESULTS}/synth/{{site}}/{{patient}}/ct.nii.gz",
             mask=f"{RESULTS}/synth/{{site}}/{{patient}}/lung_mask.nii.gz",
-        wildcard_constraints:
-            site=synth_sites("nifti"),
-        params:
-            spec=synth_spec,
         log:
             "logs/synth/{site}/{patient}.log",
-        conda:
-            "../../envs/preprocess.yaml"
+        wildcard_constraints:
+            site=synth_sites("nifti"),
         group:
             "preprocess"
+        conda:
+            "../../envs/preprocess.yaml"
+        params:
+            spec=synth_spec,
         shell:
             "covidct synth --spec {params.spec} --image {output.image} --mask {output.mask} > {log} 2>&1"
 
@@ -47,10 +47,12 @@ rule site_sheet:
     """One sheet per site, rewritten only when that site's rows change."""
     output:
         f"{RESULTS}/sheets/{{site}}.tsv",
-    params:
-        digest=site_rows_digest,
     log:
         "logs/site_sheet/{site}.log",
+    params:
+        digest=site_rows_digest,
     run:
         n = write_site_sheet(wildcards.site, output[0])
-        Path(log[0]).write_text(f"{n} patients of site {wildcards.site} (rows {params.digest})\n")
+        Path(log[0]).write_text(
+            f"{n} patients of site {wildcards.site} (rows {params.digest})\n"
+        )

@@ -1,0 +1,431 @@
+"""``covidct predict``: one scan through the trained system, in memory; one JSON object on stdout.
+
+The workflow's own functions, in order: ingest's :func:`~covidct.preprocess.ingest.load_ct`, the
+segment stage's :func:`~covidct.preprocess.segment.lung_mask`, the roi stage's
+:func:`~covidct.preprocess.roi.roi_from_arrays`, the model, the prognosis stage's
+:func:`~covidct.analysis.prognosis.risk_from_features` and the saliency. Reading, segmentation and
+the ROI run in a forked process while this one imports the network's backend. The JSON names the
+scan by its file or folder name only and holds no DICOM header value.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from covidct.errors import CovidctError
+from covidct.params import EvaluationParams, IngestParams, RoiParams
+
+log = logging.getLogger(__name__)
+
+STEP = "predict"
+ROI_SETTINGS = ("min_pixels", "antialias")   # what run.json records of the training ROIs
+
+
+def set_predict_threads(n: int) -> int:
+    """Limit every thread pool to ``n`` threads (0 = all available cores); returns n.
+
+    Must run before TensorFlow starts (its thread pools are fixed at the first op): the
+    environment variables are read when TensorFlow is imported.
+    """
+    import os
+
+    if n <= 0:
+        try:
+            n = len(os.sched_getaffinity(0))
+        except AttributeError:        # not Linux
+            n = os.cpu_count() or 1
+    for var in ("OMP_NUM_THREADS", "TF_NUM_INTRAOP_THREADS", "OPENBLAS_NUM_THREADS",
+                "MKL_NUM_THREADS", "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"):
+        os.environ[var] = str(n)
+    os.environ["TF_NUM_INTEROP_THREADS"] = str(min(n, 2))
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import dask
+    import SimpleITK as sitk
+
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(n)
+    dask.config.set(scheduler="threads", num_workers=n)
+    return n
+
+
+# --------------------------------------------------------------------------- preprocessing
+
+def preprocess_scan(scan: str | Path, roi: RoiParams, *, segmentation: str = "threshold",
+                    segmenter: str | Path | None = None, ingest: IngestParams = IngestParams(),
+                    lung_in_roi: bool = False, keep_arrays: bool = False) -> dict:
+    """Read, segment and crop one scan: the ROI (float16, ``roi.size``) exactly as the ingest,
+    segment and roi stages would write it, with its attributes and the step timings.
+
+    ``lung_in_roi`` adds the lung mask on the ROI grid and the CT and lung boxes (for the
+    saliency); ``keep_arrays`` adds the CT and the full lung mask.
+    """
+    from covidct.preprocess import roi as roi_stage
+    from covidct.preprocess.ingest import load_ct
+    from covidct.preprocess.segment import lung_mask
+
+    scan = Path(scan)
+    seconds = {}
+    t = time.perf_counter()
+    ct = load_ct(scan, ingest)
+    seconds["read"] = round(time.perf_counter() - t, 3)
+    t = time.perf_counter()
+    mask, seg = lung_mask(ct.array, ct.spacing, method=segmentation, model=segmenter)
+    seconds["segment"] = round(time.perf_counter() - t, 3)
+    log.info("segment (%s): lung %.0f ml in %.2f s", segmentation, seg["lung_volume_ml"],
+             seconds["segment"])
+    t = time.perf_counter()
+    try:
+        array, attrs = roi_stage.roi_from_arrays(ct.array, mask, ct.spacing, roi,
+                                                 body_ml=seg.get("body_volume_ml"))
+    except roi_stage.SegmentationFailed as err:
+        err.with_context(path=scan)
+        raise
+    except roi_stage.RoiRejected as err:
+        raise CovidctError(f"fallback impossible: {err.reason}", step="roi", path=scan) from None
+    seconds["roi"] = round(time.perf_counter() - t, 3)
+    log.info("roi: box %s -> %s%s in %.2f s", attrs["bbox"], list(roi.size),
+             f" (FALLBACK: {attrs['reason']})" if attrs["fallback"] else "", seconds["roi"])
+    out = {"roi": array, "attrs": attrs, "input": ct.summary(), "seconds": seconds,
+           "lung_roi": None}
+    if lung_in_roi and not attrs["fallback"]:
+        out["lung_roi"] = roi_stage.lung_in_roi(mask, attrs["bbox"], array.shape).astype(bool)
+        out["ct_box"] = roi_stage.crop_to_box(ct.array, attrs["bbox"])
+        out["lung_box"] = roi_stage.crop_to_box(mask, attrs["bbox"]) != 0
+    if keep_arrays:
+        out["ct"], out["mask"] = ct.array, mask
+    return out
+
+
+def _preprocess_child(conn, args: tuple, kwargs: dict) -> None:
+    """Body of the preprocessing process: sends ("ok", result) or ("error", fields)."""
+    try:
+        conn.send(("ok", preprocess_scan(*args, **kwargs)))
+    except CovidctError as err:
+        conn.send(("error", (err.message, err.step, err.patient, err.path)))
+    except BaseException as err:      # reported by the parent, with the traceback
+        import traceback
+
+        conn.send(("crash", "".join(traceback.format_exception(err))))
+    finally:
+        conn.close()
+
+
+class _Preprocessing:
+    """:func:`preprocess_scan` in a forked process, so that it runs on another core while this
+    process imports TensorFlow and loads the model (both hold the GIL: threads would take turns).
+
+    The process is forked before TensorFlow is imported; it sends back only the ROI, its
+    attributes and the boxes the saliency needs.
+    """
+
+    def __init__(self, *args, **kwargs):
+        import multiprocessing as mp
+
+        ctx = mp.get_context("fork")
+        self._recv, send = ctx.Pipe(duplex=False)
+        self._proc = ctx.Process(target=_preprocess_child, args=(send, args, kwargs),
+                                 name="covidct-preprocess", daemon=True)
+        self._proc.start()
+        send.close()
+
+    def result(self, scan: Path) -> dict:
+        try:
+            kind, payload = self._recv.recv()
+        except EOFError:
+            self._proc.join()
+            raise CovidctError(f"the preprocessing process died (exit code {self._proc.exitcode};"
+                               " out of memory?)", step=STEP, path=scan) from None
+        finally:
+            self._recv.close()
+        self._proc.join()
+        if kind == "error":
+            message, step, patient, path = payload
+            raise CovidctError(message, step=step, patient=patient, path=path)
+        if kind == "crash":
+            raise RuntimeError(f"preprocessing failed:\n{payload}")
+        return payload
+
+    def cancel(self) -> None:
+        if self._proc.is_alive():
+            self._proc.terminate()
+        self._proc.join()
+
+
+# --------------------------------------------------------------------------- the model
+
+def _import_and_load(model_path: Path, seconds: dict):
+    """The feature model and the model; the backend's import and the load timed apart."""
+    from covidct.model.saved import load_feature_model
+
+    t = time.perf_counter()
+    import keras  # noqa: F401  (the backend's start-up, timed on its own)
+
+    seconds["model_import"] = round(time.perf_counter() - t, 3)
+    t = time.perf_counter()
+    loaded = load_feature_model(model_path)
+    seconds["model_load"] = round(time.perf_counter() - t, 3)
+    return loaded
+
+
+def model_and_roi(scan: Path, model_path: Path, roi: RoiParams, *, parallel: bool,
+                  keep_arrays: bool, **preprocess) -> tuple:
+    """``(feature_model, model, preprocessed, seconds)``: the model loaded and the scan
+    preprocessed at the model's input size, side by side where the size can be read first."""
+    from covidct.model.saved import keras_input_shape, model_input_shape
+
+    seconds: dict[str, float] = {}
+    size = None if keep_arrays or not parallel else keras_input_shape(model_path)
+    if size is not None:
+        job = _Preprocessing(scan, replace(roi, size=tuple(size)),
+                             keep_arrays=keep_arrays, **preprocess)
+        try:
+            feature_model, model = _import_and_load(model_path, seconds)
+            t = time.perf_counter()
+            pre = job.result(scan)
+            seconds["wait_preprocess"] = round(time.perf_counter() - t, 3)
+        finally:
+            job.cancel()
+        if tuple(model_input_shape(model)) != tuple(size):
+            raise CovidctError(f"the model's input {model_input_shape(model)} differs from its "
+                               f"saved config {size}", step=STEP, path=model_path)
+    else:
+        feature_model, model = _import_and_load(model_path, seconds)
+        size = model_input_shape(model)
+        if any(s is None for s in size):
+            raise CovidctError(f"the model accepts any input size {tuple(size)}: the ROI size "
+                               "must be fixed", step=STEP, path=model_path)
+        pre = preprocess_scan(scan, replace(roi, size=tuple(size)),
+                              keep_arrays=keep_arrays, **preprocess)
+    log.info("model %s: input %s, backend import %.2f s, load %.2f s", model_path.name,
+             "x".join(map(str, size)), seconds["model_import"], seconds["model_load"])
+    return feature_model, model, pre, {**pre["seconds"], **seconds}
+
+
+def classify(feature_model, roi16: np.ndarray, model_path: Path) -> tuple[float, np.ndarray]:
+    """The COVID-19 probability and the 64-d DL feature of one ROI."""
+    roi = roi16.astype(np.float32)            # what predict-site feeds: the float16 ROI as float32
+    prob, feat = feature_model([roi[None, ..., None]], training=False)
+    prob = float(np.asarray(prob, dtype=np.float64).ravel()[0])
+    feature = np.asarray(feat, dtype=np.float64).ravel()
+    if not np.isfinite(prob) or not np.isfinite(feature).all():
+        raise CovidctError("the model gave a non-finite probability or feature", step=STEP,
+                           path=model_path)
+    return prob, feature
+
+
+def read_cox_for(cox_path: Path, age, sex, comorbidity) -> dict:
+    """The Cox model, once the clinical values it needs are known to be given."""
+    from covidct.io.results import read_cox
+
+    missing = [n for n, v in (("--age", age), ("--sex", sex), ("--comorbidity", comorbidity))
+               if v is None]
+    if missing:
+        raise CovidctError(f"--cox needs the clinical values {', '.join(missing)} "
+                           "(the Cox model uses age, sex and comorbidity)", step=STEP,
+                           path=cox_path)
+    try:
+        return read_cox(cox_path)
+    except CovidctError as err:
+        err.with_context(step=STEP)
+        raise
+
+
+def risk_of(cox: dict, feature: np.ndarray, age, sex, comorbidity, cox_path: Path) -> dict:
+    from covidct.analysis.prognosis import DIRECTION, risk_from_features
+
+    try:
+        risk, group = risk_from_features(cox, feature, age, sex, comorbidity)
+    except (ValueError, KeyError, TypeError) as err:
+        raise CovidctError(f"cannot score the Cox model: {err}", step=STEP,
+                           path=cox_path) from None
+    direction = cox.get("direction", DIRECTION)
+    log.info("risk %.4f: %s (cut-off %.4f; %s)", risk, group, float(cox["cutoff"]), direction)
+    return {"risk": risk, "risk_group": group, "risk_direction": direction}
+
+
+def saliency_picture(model, roi16: np.ndarray, pre: dict, path: Path, title: str) -> tuple:
+    """The saliency picture at ``path``; returns ``(saliency, in-lung fractions or None)``."""
+    from covidct.explain.figures import plot_saliency
+    from covidct.explain.saliency import saliency, saliency_fraction_in_lung, saliency_on_ct
+
+    roi = roi16.astype(np.float32)
+    sal = saliency(model, roi)
+    ct_sal = fractions = None
+    if pre.get("ct_box") is not None:
+        ct_sal = saliency_on_ct(sal, pre["ct_box"], pre["lung_box"], pre["attrs"])
+        fractions = {"roi": saliency_fraction_in_lung(sal, pre["lung_roi"]),
+                     "ct": saliency_fraction_in_lung(ct_sal, pre["lung_box"])}
+    plot_saliency(path, roi, sal, title, lung_mask_roi=pre["lung_roi"],
+                  ct_box=pre.get("ct_box"), ct_saliency=ct_sal, lung_box=pre.get("lung_box"))
+    return sal, fractions
+
+
+def predict_scan(scan: str | Path, model_path: str | Path, *, cox_path: str | Path | None = None,
+                 age: float | None = None, sex: str | None = None,
+                 comorbidity: float | None = None, saliency_path: str | Path | None = None,
+                 segmentation: str = "threshold", segmenter: str | Path | None = None,
+                 threshold: float = EvaluationParams.threshold, roi: RoiParams = RoiParams(),
+                 ingest: IngestParams = IngestParams(), parallel: bool = True,
+                 return_arrays: bool = False) -> dict:
+    """Run one scan through the system; returns the JSON-ready result (see the CLI help).
+
+    ``roi`` gives the ROI settings (its size is the model's input size, whatever ``roi.size``).
+    ``return_arrays`` (in-process, not parallel) adds the numpy arrays under ``"_arrays"``
+    (ct, mask, roi, saliency) for tests and benchmarks.
+    """
+    from covidct import __version__
+
+    t_start = time.perf_counter()
+    scan, model_path = Path(scan), Path(model_path)
+    cox = None if cox_path is None else read_cox_for(Path(cox_path), age, sex, comorbidity)
+    if not model_path.is_file():
+        raise CovidctError("model file not found", step=STEP, path=model_path)
+    if not scan.exists():
+        raise CovidctError("no such file or folder", step=STEP, path=scan)
+    feature_model, model, pre, seconds = model_and_roi(
+        scan, model_path, roi, parallel=parallel, keep_arrays=return_arrays,
+        segmentation=segmentation, segmenter=segmenter, ingest=ingest,
+        lung_in_roi=saliency_path is not None)
+    roi16, roi_attrs = pre["roi"], pre["attrs"]
+
+    t = time.perf_counter()
+    prob, feature = classify(feature_model, roi16, model_path)
+    seconds["inference"] = round(time.perf_counter() - t, 3)
+    label = "covid" if prob >= threshold else "non-covid"
+    log.info("COVID-19 probability %.4f (threshold %g: %s) in %.2f s", prob, threshold, label,
+             seconds["inference"])
+    risk = {"risk": None, "risk_group": None, "risk_direction": None} if cox is None \
+        else risk_of(cox, feature, age, sex, comorbidity, Path(cox_path))
+
+    sal = fractions = None
+    if saliency_path is not None:
+        t = time.perf_counter()
+        sal, fractions = saliency_picture(
+            model, roi16, pre, Path(saliency_path),
+            f"COVID-19 probability {prob:.3f} ({label} at threshold {threshold:g})")
+        seconds["saliency"] = round(time.perf_counter() - t, 3)
+        log.info("saliency -> %s in %.2f s", saliency_path, seconds["saliency"])
+    seconds["total"] = round(time.perf_counter() - t_start, 3)
+
+    result = {
+        "scan": scan.name, "probability": prob, "threshold": float(threshold),
+        "prediction": label, "dl_feature": [float(v) for v in feature], **risk,
+        "clinical": None if cox is None else {"age": float(age), "sex": str(sex),
+                                              "comorbidity": int(comorbidity)},
+        "roi": {"bbox": roi_attrs["bbox"], "bbox_convention": roi_attrs["bbox_convention"],
+                "size": roi_attrs["size"], "fallback": roi_attrs["fallback"],
+                "reason": roi_attrs["reason"], "lung_volume_ml": roi_attrs["lung_volume_ml"],
+                "clip_hu": roi_attrs["clip_hu"], "clamp_hu": roi_attrs["clamp_hu"],
+                "antialias": roi_attrs["antialias"],
+                "min_pixels": roi_attrs["rules"]["min_pixels"]},
+        "input": pre["input"], "segmentation": segmentation,
+        "saliency": None if saliency_path is None else str(saliency_path),
+        "saliency_in_lung": fractions, "model": str(model_path),
+        "cox": None if cox_path is None else str(cox_path),
+        "timing_s": seconds, "covidct_version": __version__,
+    }
+    if return_arrays:
+        result["_arrays"] = {"ct": pre["ct"], "mask": pre["mask"], "roi": roi16, "saliency": sal}
+    return result
+
+
+# --------------------------------------------------------------------------- command line
+
+def roi_settings(model_path: str | Path, given: dict) -> dict:
+    """The ROI settings to predict with: each one as ``given`` on the command line, else as the
+    model's training ROIs were made (``roi`` in the run.json beside model.keras), else the roi
+    stage's default. A given value that differs from the recorded one is kept, with a warning:
+    the model never saw ROIs made that way."""
+    from covidct.io.results import read_run
+
+    try:
+        run = read_run(model_path) or {}
+    except CovidctError as err:
+        log.warning("%s; ROI settings from the command line or defaults", err)
+        run = {}
+    recorded = run.get("roi") or {}
+    source = run.get("_path", "run.json")
+    settings = {}
+    for key in ROI_SETTINGS:
+        value, known = given.get(key), recorded.get(key)
+        if value is None:
+            settings[key] = getattr(RoiParams, key) if known is None else known
+            log.info("ROI %s = %s, from %s", key, settings[key],
+                     "the default" if known is None else f"the model's training ROIs ({source})")
+        else:
+            settings[key] = value
+            if known is not None and known != value:
+                log.warning("ROI %s = %s as given, but the model's training ROIs were made "
+                            "with %s (%s)", key, value, known, source)
+    return settings
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("scan", type=Path, help="DICOM folder (searched recursively) or "
+                        "NIfTI/MHA/NRRD file of one chest CT")
+    parser.add_argument("--model", required=True, type=Path,
+                        help="trained COVID-19Net (.keras), e.g. results/models/finetune_covid/"
+                             "model.keras; the ROI size is its input size")
+    parser.add_argument("--threshold", type=float, default=EvaluationParams.threshold,
+                        help="probability at or above which the prediction is 'covid' "
+                             "(default: %(default)s)")
+    parser.add_argument("--cox", type=Path, default=None, metavar="COX.json",
+                        help="Cox model from covidct prognosis (results/prognosis/cox.json); "
+                             "needs --age, --sex and --comorbidity")
+    parser.add_argument("--age", type=float, default=None, help="age in years (with --cox)")
+    parser.add_argument("--sex", type=str.upper, choices=("M", "F"), default=None,
+                        help="M or F (with --cox)")
+    parser.add_argument("--comorbidity", type=int, choices=(0, 1), default=None,
+                        help="1 = any comorbidity, 0 = none (with --cox)")
+    parser.add_argument("--saliency", type=Path, default=None, metavar="OUT.png",
+                        help="write the saliency picture (|d probability / d input| on three "
+                             "axial ROI slices) here")
+    parser.add_argument("--segmentation", choices=("threshold", "fpn"), default="threshold",
+                        help="lung segmentation method (default: threshold)")
+    parser.add_argument("--segmenter", type=Path, default=None, metavar="SEG.keras",
+                        help="trained lung FPN for --segmentation fpn")
+    parser.add_argument("--min-pixels", type=int, default=None,
+                        help="reject lung boxes narrower in-plane than this many voxels "
+                             "(default: as the model's training ROIs, from the run.json beside "
+                             f"it; else {RoiParams.min_pixels})")
+    parser.add_argument("--allow-fallback", action="store_true",
+                        help="on a failed segmentation crop the body's bounding box instead of "
+                             "failing (recorded as roi.fallback)")
+    parser.add_argument("--antialias", action=argparse.BooleanOptionalAction, default=None,
+                        help="anti-aliased ROI resize, as the workflow's roi.antialias; it must "
+                             "match how the model's training ROIs were made (default: as "
+                             "recorded in the run.json beside the model; else on)")
+    parser.add_argument("--rescale-intercept", type=float, default=None,
+                        help="as in covidct ingest: add this to images without any voxel below 0")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="threads for TensorFlow, SimpleITK and dask (0 = all cores, default)")
+    parser.add_argument("--sequential", dest="parallel", action="store_false",
+                        help="do not read and segment the scan in a second process while "
+                             "TensorFlow starts (slower; for debugging)")
+
+
+def run(args) -> int:
+    import contextlib
+    import json
+    import sys
+
+    set_predict_threads(args.threads)
+    settings = roi_settings(args.model, {"min_pixels": args.min_pixels,
+                                         "antialias": args.antialias})
+    roi = RoiParams(allow_fallback=args.allow_fallback, **settings)
+    # anything a library prints goes to stderr: stdout holds the JSON object only
+    with contextlib.redirect_stdout(sys.stderr):
+        result = predict_scan(
+            args.scan, args.model, cox_path=args.cox, age=args.age, sex=args.sex,
+            comorbidity=args.comorbidity, saliency_path=args.saliency,
+            segmentation=args.segmentation, segmenter=args.segmenter, threshold=args.threshold,
+            roi=roi, ingest=IngestParams(rescale_intercept=args.rescale_intercept),
+            parallel=args.parallel)
+    sys.stdout.write(json.dumps(result, allow_nan=False) + "\n")
+    sys.stdout.flush()
+    return 0

@@ -1,0 +1,286 @@
+"""One Keras training protocol for every network of the pipeline.
+
+:class:`Trainer` owns what every training run does: seeding, the epoch loop with best-epoch
+selection, the atomic save of ``model.keras``, ``history.csv``, MLflow (params, per-epoch metrics,
+artifacts, the registered model) and, last, ``run.json``. A network is a small subclass that
+overrides the hooks: :meth:`prepare`, :meth:`build`, :meth:`data`, :meth:`validate`,
+:meth:`score`, and, where it needs to, :meth:`callbacks`, :meth:`final_model`,
+:meth:`after_training`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import math
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from covidct.io.atomic import atomic_path, write_csv
+from covidct.io.results import remove_run, write_run
+from covidct.params import PRECISION_POLICIES, TrackingParams
+
+log = logging.getLogger(__name__)
+
+
+def configure_keras(seed: int, precision: str = "none", deterministic: bool = True):
+    """Seed everything, optionally make TensorFlow ops deterministic, set the dtype policy;
+    returns the ``keras`` module."""
+    import keras
+
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(int(seed))
+    if deterministic and keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()
+    keras.mixed_precision.set_dtype_policy(PRECISION_POLICIES[precision])
+    return keras
+
+
+def set_threads(n: int) -> None:
+    """Limit TensorFlow's CPU threads (0 = all cores); call before any TF op runs."""
+    if n <= 0:
+        return
+    for var in ("OMP_NUM_THREADS", "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS"):
+        os.environ[var] = str(n)
+    import keras
+
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(n)
+            tf.config.threading.set_inter_op_parallelism_threads(n)
+        except RuntimeError:   # already initialised: the environment variables still apply
+            pass
+
+
+def weights_digest(weights: Sequence[np.ndarray]) -> str:
+    """A short SHA-256 of a model's weights (order, shapes and float32 values)."""
+    h = hashlib.sha256()
+    for w in weights:
+        w = np.ascontiguousarray(np.asarray(w, dtype=np.float32))
+        h.update(str(w.shape).encode())
+        h.update(w.tobytes())
+    return h.hexdigest()[:16]
+
+
+def log_keras_model(model, registered_name: str | None):
+    """Log ``model`` with the MLflow Keras flavour and register it as ``registered_name``.
+
+    The signature is a tensor spec of the model's input and output, and the requirements are
+    explicit, so MLflow neither re-imports the model nor stores an input example.
+    """
+    import keras
+    import mlflow
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Schema, TensorSpec
+
+    def spec(tensor, name):
+        return Schema([TensorSpec(np.dtype(np.float32), (-1, *tensor.shape[1:]), name)])
+
+    signature = ModelSignature(inputs=spec(model.inputs[0], model.layers[0].name),
+                               outputs=spec(model.outputs[0], model.layers[-1].name))
+    requirements = [f"keras=={keras.__version__}", f"mlflow=={mlflow.__version__}"]
+    backend = keras.backend.backend()
+    if backend in ("tensorflow", "jax"):
+        module = __import__(backend)
+        requirements.append(f"{backend}=={module.__version__}")
+    return mlflow.keras.log_model(model, name="model", signature=signature,
+                                  registered_model_name=registered_name,
+                                  pip_requirements=requirements)
+
+
+class Trainer:
+    """One training run into the folder ``out`` (see the module docstring for the hooks).
+
+    ``name`` names the run, the MLflow run and the registered model (``covidct-NAME``).
+    """
+
+    rule = "train"                 # the workflow rule, an MLflow tag
+    precision = "none"             # a key of PRECISION_POLICIES
+    deterministic = True           # TensorFlow op determinism
+    model_kind = "model"
+
+    def __init__(self, out: str | Path, *, name: str, epochs: int, seed: int,
+                 tracking: TrackingParams = TrackingParams(), register: bool = True,
+                 tags: dict[str, str] | None = None, config: str | Path | None = None):
+        self.out = Path(out)
+        self.name = name
+        self.epochs = int(epochs)
+        self.seed = int(seed)
+        self.tracking = tracking
+        self.register = register
+        self.extra_tags = dict(tags or {})
+        self.config = config
+        self.artifacts: list[Path] = []
+
+    # ---- hooks ---------------------------------------------------------------------------
+    def prepare(self) -> None:
+        """Read and check the training data (before Keras starts)."""
+
+    def build(self, keras):
+        """The compiled model to train."""
+        raise NotImplementedError
+
+    def data(self):
+        """The training data (a ``keras.utils.PyDataset``)."""
+        raise NotImplementedError
+
+    def callbacks(self, keras) -> list:
+        """Callbacks after the epoch bookkeeping (they see its validation metrics in ``logs``)."""
+        return []
+
+    def validate(self, model) -> dict[str, float]:
+        """This epoch's validation metrics (empty without validation data)."""
+        return {}
+
+    def score(self, row: dict[str, float]) -> tuple:
+        """The epoch's rank for selection: the largest is kept (default: the last epoch)."""
+        return (row["epoch"],)
+
+    def on_best(self, epoch: int) -> None:
+        """Called when ``epoch`` becomes the best so far."""
+
+    def final_model(self, keras, model, weights):
+        """The model to save, holding the selected ``weights``."""
+        model.set_weights(weights)
+        return model
+
+    def after_training(self, final) -> dict[str, float]:
+        """Write the variant's own outputs (listed in ``self.artifacts``); returns summary
+        metrics of the selected model (logged as ``selected_*`` and kept in run.json).
+        ``self.selected_row`` is the selected epoch's row of history.csv."""
+        return {}
+
+    def params(self) -> dict[str, Any]:
+        """MLflow params of this run."""
+        return {}
+
+    def tags(self) -> dict[str, str]:
+        return {}
+
+    def record(self) -> dict[str, Any]:
+        """What run.json holds besides the common keys."""
+        return {}
+
+    # ---- the protocol --------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        """Train, select, save and record; returns the run.json record."""
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        self.out.mkdir(parents=True, exist_ok=True)
+        remove_run(self.out)          # a failed re-run must not leave the previous record
+        self.prepare()
+        keras = configure_keras(self.seed, self.precision, self.deterministic)
+        model = self.build(keras)
+        data = self.data()
+        params = {**self.params(), "name": self.name, "epochs": self.epochs, "seed": self.seed,
+                  "backend": keras.backend.backend(), "keras_version": keras.__version__,
+                  "n_params": int(model.count_params())}
+        tags = {"covidct.rule": self.rule, "model": self.model_kind, **self.tags(),
+                **self.extra_tags}
+        with self._tracking_run(tags, params) as (mlflow, active):
+            epochs = epoch_log(self, keras, mlflow)
+            if self.epochs:
+                model.fit(data, epochs=self.epochs, shuffle=False, verbose=0,
+                          callbacks=[epochs, *self.callbacks(keras)])
+            best = epochs.best_weights or model.get_weights()
+            self.selected_row = epochs.rows[epochs.best_epoch - 1] if epochs.rows else {}
+            final = self.final_model(keras, model, best)
+            history = self.out / "history.csv"
+            write_csv(history, epochs.table())
+            with atomic_path(self.out / "model.keras") as tmp:
+                final.save(tmp)
+            summary = self.after_training(final)
+            record = {"name": self.name, "selected_epoch": epochs.best_epoch,
+                      "input_shape": [int(s) for s in final.inputs[0].shape[1:-1]],
+                      "backend": params["backend"], "history": history.name, **summary,
+                      **self.record(), "run_id": None, "experiment_id": None,
+                      "tracking_uri": None, "model_uri": None, "registered_model": None,
+                      "version": None}
+            if mlflow is not None:
+                selected = {f"selected_{k}": v for k, v in summary.items()
+                            if isinstance(v, (int, float)) and math.isfinite(v)}
+                mlflow.log_metrics({"selected_epoch": epochs.best_epoch, **selected})
+                for path in (history, *self.artifacts):
+                    mlflow.log_artifact(str(path))
+                registered = f"covidct-{self.name}" if self.register else None
+                info = log_keras_model(final, registered)
+                version = info.registered_model_version
+                record.update(run_id=active.info.run_id,
+                              experiment_id=active.info.experiment_id,
+                              tracking_uri=self.tracking.tracking_uri, model_uri=info.model_uri,
+                              registered_model=registered,
+                              version=None if version is None else int(version))
+        write_run(self.out, record)
+        log.info("selected epoch %d (%s); model %s, MLflow run %s, %s version %s",
+                 epochs.best_epoch, ", ".join(f"{k} {v:.4g}" for k, v in summary.items()
+                                              if isinstance(v, float)) or "no validation",
+                 self.out / "model.keras", record["run_id"], record["registered_model"],
+                 record["version"])
+        return record
+
+    @contextlib.contextmanager
+    def _tracking_run(self, tags, params):
+        if not self.tracking.enabled:
+            yield None, None
+            return
+        import mlflow
+
+        from covidct.io.tracking import mlflow_run
+
+        with mlflow_run(self.tracking, self.name, tags=tags, params=params,
+                        config=self.config) as active:
+            yield mlflow, active
+
+
+def epoch_log(trainer: Trainer, keras, mlflow):
+    """The per-epoch bookkeeping as a Keras callback: validation metrics (put into ``logs`` for
+    the callbacks after it), the log line, MLflow metrics and the best epoch's weights."""
+
+    class EpochLog(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.rows: list[dict[str, float]] = []
+            self.best: tuple | None = None
+            self.best_weights = None
+            self.best_epoch = 0
+            self.start = time.perf_counter()
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.start = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            logs = logs if logs is not None else {}
+            row = {"epoch": epoch + 1, "loss": float(logs.get("loss", math.nan)),
+                   **{k: float(v) for k, v in logs.items() if k != "loss"}}
+            validation = trainer.validate(self.model)
+            row.update(validation)
+            logs.update(validation)
+            row["lr"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+            row["seconds"] = time.perf_counter() - self.start
+            self.rows.append(row)
+            key = trainer.score(row)
+            if self.best is None or key > self.best:
+                self.best, self.best_epoch = key, epoch + 1
+                self.best_weights = [np.array(w) for w in self.model.get_weights()]
+                trainer.on_best(epoch + 1)
+            log.info("epoch %d/%d %s %.1f s", epoch + 1, trainer.epochs,
+                     " ".join(f"{k} {v:.4g}" for k, v in row.items()
+                              if k not in ("epoch", "seconds")), row["seconds"])
+            if mlflow is not None:
+                mlflow.log_metrics({k: v for k, v in row.items()
+                                    if k != "epoch" and not math.isnan(v)}, step=epoch + 1)
+
+        def table(self) -> pd.DataFrame:
+            return pd.DataFrame(self.rows)
+
+    return EpochLog()

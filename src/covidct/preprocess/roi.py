@@ -1,0 +1,367 @@
+"""``covidct roi``: ``ct.zarr`` + ``lung.zarr`` -> ``roi.zarr``, the network's float16 input.
+
+The 3-D box of the lung mask (end slices under 3% of the largest slice's lung area dropped),
+the non-lung suppression (clip at the box's 95th percentile; voxels outside the lung clamped to
+lung mean +/- 4 sd), the z-score, and the cubic resize to the network size (optionally
+anti-aliased). A failed segmentation is an error naming the patient, or with ``allow_fallback``
+the body's box, clip only, recorded as ``fallback``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from covidct.errors import CovidctError
+from covidct.params import RoiParams, add_options, from_args
+from covidct.preprocess.resample import resize_cubic, resize_nearest
+
+log = logging.getLogger(__name__)
+
+STEP = "roi"
+
+
+class RoiRejected(CovidctError):
+    """The lung mask gives no usable ROI (``reason`` says why)."""
+
+    def __init__(self, reason: str, **kwargs):
+        self.reason = reason
+        super().__init__(reason, **kwargs)
+
+
+class SegmentationFailed(CovidctError):
+    """The lung mask is implausible or gives no usable box (and no fallback was allowed)."""
+
+
+# --------------------------------------------------------------------------- pure functions
+
+
+def slice_areas(mask: np.ndarray) -> np.ndarray:
+    """Lung pixels per axial slice."""
+    m = np.asarray(mask)
+    return np.count_nonzero(m.reshape(m.shape[0], -1), axis=1)
+
+
+def lung_bbox(mask: np.ndarray, min_area_fraction: float = RoiParams.min_area_fraction,
+              min_slices: int = RoiParams.min_slices,
+              min_pixels: int = RoiParams.min_pixels) -> tuple[int, int, int, int, int, int]:
+    """Bounding box ``(z0, z1, y0, y1, x0, x1)`` of a lung mask, half-open (python slices).
+
+    End slices whose lung area is under ``min_area_fraction`` of the largest slice's are dropped
+    (only at the ends: a small slice between large ones stays). The in-plane box is that of the
+    mask over the kept slices. Raises :class:`RoiRejected` for an empty mask or a box of fewer
+    than ``min_slices`` slices or ``min_pixels`` pixels on either in-plane side.
+    """
+    areas = slice_areas(mask)
+    if areas.max(initial=0) == 0:
+        raise RoiRejected("empty lung mask")
+    keep = np.nonzero(areas >= min_area_fraction * areas.max())[0]
+    z0, z1 = int(keep[0]), int(keep[-1]) + 1
+    plane = np.asarray(mask[z0:z1], bool).any(axis=0)
+    ys, xs = np.nonzero(plane.any(axis=1))[0], np.nonzero(plane.any(axis=0))[0]
+    y0, y1, x0, x1 = int(ys[0]), int(ys[-1]) + 1, int(xs[0]), int(xs[-1]) + 1
+    if z1 - z0 < min_slices:
+        raise RoiRejected(f"lung box has {z1 - z0} slices (< {min_slices})")
+    if y1 - y0 < min_pixels or x1 - x0 < min_pixels:
+        raise RoiRejected(f"lung box is {y1 - y0} x {x1 - x0} px in-plane (< {min_pixels})")
+    return z0, z1, y0, y1, x0, x1
+
+
+def box_percentile(values: np.ndarray, q: float) -> float:
+    """``np.percentile(values, q)`` (its default linear method), by partial sorting (fast)."""
+    v = np.asarray(values).ravel()
+    if v.size == 0:
+        raise ValueError("percentile of an empty box")
+    rank = (v.size - 1) * (float(q) / 100.0)
+    k = int(np.floor(rank))
+    k1 = min(k + 1, v.size - 1)
+    part = np.partition(v, [k, k1] if k1 != k else [k])
+    a, b = float(part[k]), float(part[k1])
+    return a + (rank - k) * (b - a)
+
+
+def suppress_non_lung(ct_box: np.ndarray, mask_box: np.ndarray | None,
+                      percentile: float = RoiParams.percentile,
+                      n_std: float = RoiParams.n_std) -> tuple[np.ndarray, dict]:
+    """Clip at the box's ``percentile``; clamp voxels outside the lung to mean +/- ``n_std`` sd.
+
+    Returns ``(float32 array, limits)``; limits: ``clip_hu``, ``lung_mean_hu``, ``lung_std_hu``,
+    ``clamp_hu`` [low, high] (mean and sd of the clipped intensities inside the mask). With
+    ``mask_box`` None (or empty) only the clip is applied and the lung statistics are None.
+    """
+    clip = box_percentile(ct_box, percentile)
+    box = np.array(ct_box, dtype=np.float32)           # a copy: the caller's array is untouched
+    np.minimum(box, np.float32(clip), out=box)
+    limits = {"clip_hu": clip, "percentile": float(percentile), "n_std": float(n_std),
+              "lung_mean_hu": None, "lung_std_hu": None, "clamp_hu": None}
+    if mask_box is None:
+        return box, limits
+    inside = np.asarray(mask_box, bool)
+    if not inside.any():
+        return box, limits
+    lung = box[inside]
+    mean = float(lung.mean(dtype=np.float64))
+    std = float(np.sqrt(np.mean(np.square(lung - np.float32(mean), dtype=np.float64))))
+    del lung
+    lo, hi = mean - n_std * std, mean + n_std * std
+    np.clip(box, np.float32(lo), np.float32(hi), out=box, where=~inside)
+    limits.update(lung_mean_hu=mean, lung_std_hu=std, clamp_hu=[lo, hi])
+    return box, limits
+
+
+def zscore_stats(array: np.ndarray) -> tuple[float, float]:
+    """Mean and population sd of an array (an sd of 0 becomes 1).
+
+    Fast on large float32 boxes: numpy's pairwise float32 summation, no float64 copy (relative
+    error ~1e-6, far below float16's 1e-3).
+    """
+    a = np.asarray(array, dtype=np.float32).ravel()
+    n = a.size
+    mean = float(a.sum(dtype=np.float32)) / n
+    d = a - np.float32(mean)
+    mean += float(d.sum(dtype=np.float32)) / n           # one refinement step
+    d -= np.float32(float(d.sum(dtype=np.float32)) / n)
+    np.square(d, out=d)
+    sd = float(np.sqrt(max(0.0, float(d.sum(dtype=np.float32)) / n)))
+    if not np.isfinite(sd) or sd <= 1e-12:
+        sd = 1.0
+    return mean, sd
+
+
+def crop_to_box(array, bbox) -> np.ndarray:
+    """``array[z0:z1, y0:y1, x0:x1]`` for ``bbox`` = (z0, z1, y0, y1, x0, x1) as a numpy array
+    (a Zarr array reads only the box); ValueError if the box does not lie inside ``array``."""
+    z0, z1, y0, y1, x0, x1 = (int(v) for v in bbox)
+    shape = array.shape
+    if z0 < 0 or y0 < 0 or x0 < 0 or z1 > shape[0] or y1 > shape[1] or x1 > shape[2]:
+        raise ValueError(f"bounding box {tuple(bbox)} lies outside the array {tuple(shape)}")
+    return np.asarray(array[z0:z1, y0:y1, x0:x1])
+
+
+def lung_in_roi(mask: np.ndarray, bbox, size) -> np.ndarray:
+    """The lung mask on the ROI's grid (uint8 0/1): cropped to ``bbox``, nearest-resized to
+    ``size``. Stored as the ``lung`` label of roi.zarr; augmentation and saliency use it."""
+    crop = crop_to_box(mask, bbox) != 0
+    return resize_nearest(crop, [int(s) for s in size]).astype(np.uint8)
+
+
+def body_bbox(ct: np.ndarray, body_hu: float = -500.0):
+    """Bounding box (z0, z1, y0, y1, x0, x1) of the body: largest component above ``body_hu``."""
+    from covidct.preprocess.morphology import largest_component
+
+    body = largest_component(np.asarray(ct) > body_hu)
+    if not body.any():
+        raise RoiRejected(f"no body above {body_hu:g} HU")
+    out = []
+    for axis in range(3):
+        other = tuple(i for i in range(3) if i != axis)
+        idx = np.nonzero(body.any(axis=other))[0]
+        out += [int(idx[0]), int(idx[-1]) + 1]
+    return tuple(out)
+
+
+def check_lung_mask(lung_ml: float, body_ml: float, *, min_ml: float = RoiParams.min_lung_ml,
+                    max_ml: float = RoiParams.max_lung_ml,
+                    max_body_fraction: float = RoiParams.max_body_fraction) -> str | None:
+    """Why a lung mask is implausible (a failed segmentation), or None when it is fine."""
+    if lung_ml <= 0:
+        return "empty lung mask"
+    if lung_ml < min_ml:
+        return f"lung mask too small ({lung_ml:.0f} ml < {min_ml:g} ml)"
+    if lung_ml > max_ml:
+        return f"lung mask too large ({lung_ml:.0f} ml > {max_ml:g} ml)"
+    if body_ml > 0 and lung_ml > max_body_fraction * body_ml:
+        return (
+            f"lung mask fills the body ({lung_ml:.0f} ml = "
+            f"{100 * lung_ml / body_ml:.0f}% of {body_ml:.0f} ml > {100 * max_body_fraction:g}%)"
+        )
+    return None
+
+
+# --------------------------------------------------------------------------- the stage
+
+def _body_on_grid(ct_array, spacing, target_mm: float = 4.0, body_hu: float = -500.0):
+    """Body mask (holes filled) on a strided grid; returns (mask, strides)."""
+    from covidct.preprocess.morphology import body_mask
+
+    strides = tuple(max(1, int(round(target_mm / float(s)))) for s in spacing)
+    small = np.asarray(ct_array[::strides[0], ::strides[1], ::strides[2]])
+    return body_mask(small.astype(np.float32), body_hu), strides
+
+
+def roi_spacing(spacing, bbox, size) -> tuple[float, float, float]:
+    """Spacing (z, y, x) of the resized ROI voxels (corner-aligned resize of the ``bbox`` box)."""
+    z0, z1, y0, y1, x0, x1 = bbox
+    n = np.array([z1 - z0, y1 - y0, x1 - x0], float)
+    m = np.array(size, float)
+    sp = np.asarray(spacing, float)
+    # zoom maps output index i to input index i * (n - 1) / (m - 1): voxel centres at the ends
+    new_sp = sp * np.where(m > 1, (n - 1) / np.maximum(m - 1, 1), n)
+    new_sp = np.where(new_sp > 0, new_sp, sp)
+    return tuple(float(s) for s in new_sp)
+
+
+def _roi_geometry(img, bbox, size):
+    """Spacing (z, y, x) and origin (x, y, z) of the resized ROI voxels (corner-aligned resize)."""
+    z0, _, y0, _, x0, _ = bbox
+    sp = np.asarray(img.spacing, float)
+    start_zyx = np.array([z0, y0, x0], float)
+    d = np.asarray(img.direction, float).reshape(3, 3)
+    origin = np.asarray(img.origin, float) + d @ (start_zyx[::-1] * sp[::-1])
+    return roi_spacing(img.spacing, bbox, size), tuple(float(o) for o in origin)
+
+
+def roi_from_arrays(ct, mask, spacing, params: RoiParams = RoiParams(), *,
+                    body_ml: float | None = None,
+                    patient: str | None = None) -> tuple[np.ndarray, dict]:
+    """The lung ROI of a CT and its lung mask: ``(roi float16 of shape params.size, attrs)``.
+
+    The array part of the ``roi`` stage (the stage and ``covidct predict`` share it). ``ct`` is
+    the (z, y, x) HU array, numpy or a lazy zarr array (only the box is read); ``mask`` the lung
+    mask on the same grid (numpy, nonzero = lung); ``spacing`` (z, y, x) mm. ``body_ml`` is the
+    body volume the threshold segmenter records; None = measured here on a 4-mm grid.
+
+    Raises :class:`SegmentationFailed` for an implausible mask or a rejected box (unless
+    ``params.allow_fallback``: then the body's bounding box is used with the clip only), and
+    :class:`RoiRejected` when even the fallback finds no body. ``attrs`` holds the box, the
+    suppression limits, the z-score, sizes, volumes, fallback and reason, and the rules.
+    """
+    p = params
+    size = tuple(int(s) for s in p.size)
+    spacing = tuple(float(s) for s in spacing)
+    if tuple(mask.shape) != tuple(ct.shape):
+        raise CovidctError(f"lung mask shape {tuple(mask.shape)} != CT shape {tuple(ct.shape)}",
+                           step=STEP, patient=patient)
+    mask = np.asarray(mask)
+    if mask.dtype != bool:
+        mask = mask != 0
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    lung_ml = float(np.count_nonzero(mask)) * voxel_ml
+    if body_ml is None:
+        body, strides = _body_on_grid(ct, spacing)
+        body_ml = float(body.sum()) * voxel_ml * float(np.prod(strides))
+        del body
+
+    reason = check_lung_mask(lung_ml, body_ml, min_ml=p.min_lung_ml, max_ml=p.max_lung_ml,
+                             max_body_fraction=p.max_body_fraction)
+    bbox = None
+    if reason is None:
+        try:
+            bbox = lung_bbox(mask, p.min_area_fraction, p.min_slices, p.min_pixels)
+        except RoiRejected as err:
+            reason = err.reason
+    fallback = reason is not None
+    if fallback:
+        if not p.allow_fallback:
+            raise SegmentationFailed(f"segmentation failed: {reason} (use --allow-fallback to crop "
+                                     f"the body instead)", step=STEP, patient=patient)
+        log.warning(
+            "patient %s: %s; falling back to the body's bounding box", patient or "-", reason
+        )
+        bbox = body_bbox(np.asarray(ct[...]))   # the full-resolution body (a rare path)
+    ct_box = crop_to_box(ct, bbox)
+    mask_box = None if fallback else crop_to_box(mask, bbox)
+    box, limits = suppress_non_lung(ct_box, mask_box, p.percentile, p.n_std)
+    del ct_box
+    mean, sd = zscore_stats(box)
+    # z-scoring commutes with the (linear, constant-preserving) spline resize, so it is applied
+    # to the small resized array: the same values as z-scoring the box first
+    roi = resize_cubic(box, size, antialias=p.antialias)
+    del box
+    roi = ((roi - np.float32(mean)) / np.float32(sd)).astype(np.float16)
+    z0, z1, y0, y1, x0, x1 = bbox
+    attrs = {
+        "bbox": [int(v) for v in bbox],
+        "bbox_convention": "z0,z1,y0,y1,x0,x1 half-open voxel indices of ct.zarr",
+        "box_shape": [z1 - z0, y1 - y0, x1 - x0],
+        "clip_hu": limits["clip_hu"], "percentile": limits["percentile"], "n_std": limits["n_std"],
+        "lung_mean_hu": limits["lung_mean_hu"], "lung_std_hu": limits["lung_std_hu"],
+        "clamp_hu": limits["clamp_hu"], "zscore_mean": mean, "zscore_sd": sd,
+        "size": list(size), "antialias": bool(p.antialias),
+        "roi_spacing_mm": list(roi_spacing(spacing, bbox, size)),
+        "ct_spacing_mm": list(spacing),
+        "lung_volume_ml": round(lung_ml, 1), "body_volume_ml": round(body_ml, 1),
+        "fallback": bool(fallback), "reason": reason,
+        "rules": {"min_area_fraction": p.min_area_fraction, "min_slices": p.min_slices,
+                  "min_pixels": p.min_pixels, "min_lung_ml": p.min_lung_ml,
+                  "max_lung_ml": p.max_lung_ml, "max_body_fraction": p.max_body_fraction},
+    }
+    return roi, attrs
+
+
+def make_roi(ct_path, lung_path, out_path, params: RoiParams = RoiParams(), *,
+             patient: str | None = None, site: str | None = None, qc_path=None) -> dict:
+    """Build ``roi.zarr`` from a CT store and its lung mask; returns the attributes written.
+
+    The arrays are computed by :func:`roi_from_arrays`; this adds the stores, the geometry of
+    the ROI voxels, the provenance attributes and the QC picture.
+    """
+    from covidct.io.stores import open_image, write_image
+
+    ct_path, lung_path, out_path = Path(ct_path), Path(lung_path), Path(out_path)
+    size = tuple(int(s) for s in params.size)
+    t0 = time.perf_counter()
+    ct = open_image(ct_path, what="CT", patient=patient)
+    lung_img = open_image(lung_path, what="lung mask", patient=patient)
+    patient = patient or ct.attrs.get("patient") or lung_img.attrs.get("patient")
+    if tuple(lung_img.array.shape) != tuple(ct.array.shape):
+        raise CovidctError(f"lung mask shape {tuple(lung_img.array.shape)} != CT shape "
+                           f"{tuple(ct.array.shape)}", step=STEP, patient=patient, path=lung_path)
+    mask = lung_img.read() != 0
+    try:
+        roi, core = roi_from_arrays(
+            ct.array, mask, ct.spacing, params,
+            body_ml=lung_img.attrs.get("body_volume_ml"),   # the threshold method records it
+            patient=patient)
+    except SegmentationFailed as err:
+        err.with_context(patient=patient, path=lung_path)
+        raise
+    except RoiRejected as err:
+        raise CovidctError(f"fallback impossible: {err.reason}", step=STEP, patient=patient,
+                           path=ct_path) from None
+    bbox, fallback, reason = core["bbox"], core["fallback"], core["reason"]
+    spacing, origin = _roi_geometry(ct, bbox, size)
+    attrs = {"kind": "lung_roi", "source_ct": ct_path.name, "source_mask": lung_path.name,
+             **core}
+    for key in ("patient", "site"):
+        for source in (ct.attrs, lung_img.attrs):
+            if key in source:
+                attrs[key] = source[key]
+                break
+    if patient:
+        attrs["patient"] = patient
+    if site:
+        attrs["site"] = site
+    labels = None if fallback else {"lung": lung_in_roi(mask, bbox, size)}
+    write_image(out_path, roi, spacing=spacing, origin=origin, direction=ct.direction,
+                attrs=attrs, chunks=roi.shape, name="roi", labels=labels)
+    if qc_path:
+        from covidct.preprocess.qc import save_qc_png
+
+        save_qc_png(qc_path, ct, mask, bbox, title=f"{patient or ct_path.parent.name}"
+                    + (f"  FALLBACK: {reason}" if fallback
+                       else f"  lung {core['lung_volume_ml']:.0f} ml"))
+    log.info("patient %s: roi bbox %s -> %s, clip %.0f HU%s in %.2f s", patient or "-", list(bbox),
+             list(size), core["clip_hu"], " (fallback)" if fallback else "",
+             time.perf_counter() - t0)
+    return attrs
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("ct", help="input ct.zarr")
+    parser.add_argument("lung", help="input lung.zarr (lung mask)")
+    parser.add_argument("out", help="output roi.zarr (float16)")
+    parser.add_argument("--patient", default=None, help="patient id (for messages and attributes)")
+    parser.add_argument("--site", default=None,
+                        help="site of the patient (recorded for the QC summary)")
+    parser.add_argument("--qc", default=None, metavar="QC.png", help="write the QC picture here")
+    add_options(parser, RoiParams)
+
+
+def run(args) -> int:
+    make_roi(args.ct, args.lung, args.out, from_args(RoiParams, args), patient=args.patient,
+             site=args.site, qc_path=args.qc)
+    return 0
