@@ -171,6 +171,21 @@ PLANTED = {
     "ReferringPhysicianName": "Drplumtree^Yvonnik",
     "AccessionNumber": "ACCZZ88123",
     "OtherPatientIDs": "OPIDJ4401",
+    # free text a scanner or a technologist may fill, each with a planted name
+    "SeriesDescription": "Chest for Quillbramble",
+    "StudyDescription": "CT of Quillbramble2",
+    "ProtocolName": "Quillbramble3 protocol",
+    "ImageComments": "called Quillbramble4",
+    "ContrastBolusAgent": "Quillbramble5 omnipaque",
+    "RequestedProcedureDescription": "for Quillbramble6",
+    "PerformedProcedureStepDescription": "Quillbramble7 step",
+    "AdditionalPatientHistory": "Quillbramble8 history",
+    "InstitutionalDepartmentName": "Quillbramble9 ward",
+    "StationName": "QBSTATION10",
+    "OperatorsName": "Quillbramble^Eleven",
+    "PerformingPhysicianName": "Quillbramble^Twelve",
+    "PatientComments": "Quillbramble13 notes",
+    "DerivationDescription": "Quillbramble14 derived",
 }
 
 
@@ -202,9 +217,10 @@ def test_picks_largest_axial_ct_series(tmp_path, capsys):
         (hu_volume((4, 16, 20), seed=5), {}, 14),           # axial CT, but fewer slices
         (axial, {}, 15),
     ]
+    study = {"StudyInstanceUID": "1.2.826.0.1.3680043.8.498.77", "PatientID": "SAME"}
     for k, (vol, header, seed) in enumerate(series):
-        for p in write_series(vol, tmp_path / f"s{k}", spacing=SPACING, header=header,
-                              uid_seed=seed):
+        for p in write_series(vol, tmp_path / f"s{k}", spacing=SPACING,
+                              header={**study, **header}, uid_seed=seed):
             folder.mkdir(exist_ok=True)
             shutil.move(p, folder / f"s{k}_{p.name}")
     rc, err = ingest_cli(capsys, folder, tmp_path / "ct.zarr", "--patient", "P2")
@@ -213,6 +229,28 @@ def test_picks_largest_axial_ct_series(tmp_path, capsys):
     assert "3-slice series set aside: a localizer/scout" in err
     assert "8-slice series set aside: not axial (coronal)" in err
     assert "9-slice series set aside: modality MR" in err
+    assert ("chose the 5-slice axial CT series, the one with the most slices, over 1 other(s) "
+            "of the same study (4 slices)") in err
+
+
+@pytest.mark.parametrize("second, what", [
+    ({"PatientID": "OTHER-PATIENT", "StudyInstanceUID": "1.2.3.4"}, "2 different patients"),
+    ({"PatientID": "SAME-PATIENT", "StudyInstanceUID": "1.2.3.5"}, "2 different studies"),
+])
+def test_a_folder_mixing_patients_or_studies_is_refused(tmp_path, capsys, second, what):
+    """Two patients' series copied into one folder must not silently give the larger one."""
+    folder = tmp_path / "mixed"
+    first = {"PatientID": "SAME-PATIENT", "StudyInstanceUID": "1.2.3.4"}
+    for k, (n, header) in enumerate([(6, first), (4, second)]):
+        for p in write_series(hu_volume((n, 12, 12), seed=k), tmp_path / f"s{k}",
+                              spacing=SPACING, header=header, uid_seed=30 + k):
+            folder.mkdir(exist_ok=True)
+            shutil.move(p, folder / f"s{k}_{p.name}")
+    rc, err = ingest_cli(capsys, folder, tmp_path / "ct.zarr", "--patient", "M1")
+    assert rc == 2 and not (tmp_path / "ct.zarr").exists()
+    line = err.strip().splitlines()[-1]
+    assert what in line and "6 slices" in line and "4 slices" in line and str(folder) in line
+    assert "OTHER-PATIENT" not in err and "SAME-PATIENT" not in err
 
 
 # --------------------------------------------------------------------------- bad input

@@ -198,7 +198,7 @@ def test_roi_settings_follow_the_models_run_json(tmp_path, real_data, model_file
     model_path.parent.mkdir()
     shutil.copy(model_files[0], model_path)
     (model_path.parent / "run.json").write_text(json.dumps(
-        {"run_id": "x", "roi": {"antialias": False, "min_pixels": 30}}))
+        {"run_id": "x", "preprocessing": {"roi": {"antialias": False, "min_pixels": 30}}}))
     scan = real_data / "covid_ct_md" / "P001_ct_bin4x4x1.nii.gz"
     proc = run_cli(str(scan), "--model", str(model_path))
     assert proc.returncode == 0, proc.stderr

@@ -448,7 +448,7 @@ def test_prognosis_stage_errors_name_patient_and_file(tmp_path, capsys):
     bad.to_csv(sheet, sep="\t", index=False)
     assert main(args) == 2
     err = capsys.readouterr().err
-    assert "patient A005" in err and str(sheet) in err and "not M or F" in err
+    assert "patient A005" in err and str(sheet) in err and "column sex" in err and "'X'" in err
     # a missing DL feature names the patient and the predictions file
     rows.to_csv(sheet, sep="\t", index=False)
     pred = pd.read_csv(paths["A"])

@@ -7,6 +7,7 @@ bright sphere (radius 6 voxels, +4) at a random place. A few epochs learn that.
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +17,14 @@ import pytest
 from covidct.cli import main
 from covidct.errors import CovidctError
 from covidct.io.stores import write_image
+from covidct.params import RoiParams
 
 SHAPE = (16, 32, 48)
+
+
+def as_json(params) -> dict:
+    """Parameters as a store's attributes hold them (JSON: lists for tuples)."""
+    return json.loads(json.dumps(asdict(params)))
 
 
 def make_cohort(root: Path, n: int, seed: int, task: str = "covid", shape=SHAPE):
@@ -33,8 +40,8 @@ def make_cohort(root: Path, n: int, seed: int, task: str = "covid", shape=SHAPE)
             c = [rng.integers(5, s - 5) for s in shape]
             v[(zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2 < 36] += 4.0
         path = root / "patients" / site / patient / "roi.zarr"
-        write_image(path, v.astype(np.float16), spacing=(1.0, 1.0, 1.0),
-                    attrs={"antialias": True, "rules": {"min_pixels": 30}})   # as the roi stage
+        write_image(path, v.astype(np.float16), spacing=(1.0, 1.0, 1.0),   # as the roi stage
+                    attrs={"params": asdict(RoiParams(size=shape, min_pixels=30))})
         label = ("covid" if y else "viral") if task == "covid" else \
             ("egfr_mutant" if y else "egfr_wildtype")
         rows.append(f"{patient}\t{site}\t/data/{patient}\t{task}\t{label}")
@@ -93,23 +100,29 @@ def test_outputs_and_run_record(cohort, trained):
     assert record["registered_model"] == "covidct-pretrain_test" and record["version"] >= 1
     assert record["model_uri"].startswith("models:/")
     # how the training ROIs were made, for `covidct predict` to make its ROI the same way
-    assert record["roi"] == {"antialias": True, "min_pixels": 30}
+    assert record["preprocessing"]["roi"] == as_json(RoiParams(size=SHAPE, min_pixels=30))
+    assert record["training_data"] == {"sites": ["henan", "wuhan"], "n": 20, "synthetic": False,
+                                       "labels": {"covid": 10, "viral": 10}}
 
 
-def test_training_roi_settings_disagreeing_or_unrecorded(tmp_path):
-    from covidct.model.classifier import training_roi_settings
-    from covidct.model.dataset import roi_metadata
+def test_preprocessing_is_what_every_store_agrees_on(tmp_path):
+    """run.json records the stores' shared parameters; where they disagree, nothing."""
+    from covidct.io.provenance import agreed_preprocessing
 
     paths = []
-    for i, attrs in enumerate([{"antialias": True, "rules": {"min_pixels": 30}},
-                               {"antialias": False, "rules": {"min_pixels": 30}}, {}]):
+    for i, roi in enumerate([RoiParams(min_pixels=30), RoiParams(min_pixels=30),
+                             RoiParams(min_pixels=30, antialias=False)]):
         paths.append(tmp_path / f"P{i}" / "roi.zarr")
         write_image(paths[-1], np.zeros((4, 8, 8), np.float16), spacing=(1.0, 1.0, 1.0),
-                    attrs=attrs)
-    paths = [roi_metadata(p)[1] for p in paths]               # the stores' attributes
-    assert training_roi_settings(paths[:2]) == {"antialias": None, "min_pixels": 30}
-    assert training_roi_settings(paths[:1]) == {"antialias": True, "min_pixels": 30}
-    assert training_roi_settings(paths[2:]) == {"antialias": None, "min_pixels": None}
+                    attrs={"params": asdict(roi)})
+        lung = {"method": "threshold", "params": {"close_mm": 3.0}}
+        write_image(paths[-1].with_name("lung.zarr"), np.zeros((4, 8, 8), np.uint8),
+                    spacing=(1.0, 1.0, 1.0), attrs=lung)
+    agreed = agreed_preprocessing(paths[:2])
+    assert agreed["roi"] == as_json(RoiParams(min_pixels=30))
+    assert agreed["segmentation"] == {"method": "threshold", "params": {"close_mm": 3.0}}
+    assert agreed["ingest"] is None                          # no ct.zarr beside the ROIs
+    assert agreed_preprocessing(paths)["roi"] is None       # one store made without antialias
 
 
 def test_learns_the_easy_signal(cohort, trained, tmp_path):
@@ -374,3 +387,24 @@ def test_dataset_blur_and_noise():
     noisy = blur_and_noise(np.zeros((8, 64, 64), np.float32), np.random.default_rng(1), 0.0, 0.4)
     assert 0.0 < noisy.std() <= 0.4 and abs(noisy.mean()) < 0.01
     assert Augment().noise == Augment().blur == Augment().non_lung == 0.0  # off by default
+
+
+def test_init_from_a_registered_model_alias(cohort, trained):
+    """training.init may name a registered model: models:/NAME@ALIAS is fetched and loaded."""
+    import keras
+    from mlflow import MlflowClient
+
+    from covidct.model.trainer import weights_digest
+
+    root, rois, _ = cohort
+    _, record = trained
+    client = MlflowClient(tracking_uri=record["tracking_uri"])
+    client.set_registered_model_alias(record["registered_model"], "champion",
+                                      str(record["version"]))
+    out = root / "models" / "from_alias"
+    uri = f"models:/{record['registered_model']}@champion"
+    assert main(train_args(root, rois, out, "--init", uri, "--epochs", "0", "--no-register",
+                           name="alias_test")) == 0
+    started = json.loads((out / "run.json").read_text())
+    pre = keras.saving.load_model(trained[0] / "model.keras").get_weights()
+    assert started["init"] == uri and started["init_digest"] == weights_digest(pre)

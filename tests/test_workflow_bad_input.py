@@ -71,6 +71,6 @@ def test_unknown_label_or_site_stops_before_any_job(repo, real_data, tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     text = proc.stdout + proc.stderr
-    assert "patient p2: label 'influenza'" in text
+    assert "(patient p2), column label: 'influenza' is not one of" in text
     assert "patient p3: site 'atlantis' has no role" in text
     assert not (workdir / "results" / "patients").exists()

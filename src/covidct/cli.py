@@ -32,6 +32,8 @@ STAGES: dict[str, tuple[str, str]] = {
                                             "table"),
     "train": ("covidct.model.classifier", "train COVID-19Net (EGFR pretraining, COVID fine-tuning, "
                                           "random init)"),
+    "system": ("covidct.inference.system", "complete a trained model's folder into a trained "
+                                           "system (plan.json, cox.json)"),
     "predict-site": ("covidct.inference.site", "COVID-19 probability and 64-d feature for every "
                                                "patient of a site"),
     "evaluate": ("covidct.analysis.evaluate", "diagnostic metrics, ROC and calibration for one "

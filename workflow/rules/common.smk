@@ -1,5 +1,6 @@
 # Load and validate the config and the sample sheet; the functions that list each rule's inputs.
 # Rule files hold rules only; every helper they use lives here.
+import copy
 import hashlib
 import json
 import shlex
@@ -7,19 +8,45 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+from snakemake.logging import logger
 from snakemake.utils import validate
 
 from covidct import params as P
-from covidct.io.sheet import COLUMNS, check_sheet, read_sheet, sites_with_role
+from covidct.errors import CovidctError
+from covidct.io.sheet import check_sheet, missing_images, read_sheet, sites_with_role
+from covidct.roles import plan_workflow
 
-validate(config, "../schemas/config.schema.yaml")
+CONFIG_FILE = str(Path(workflow.configfiles[-1]).resolve()) if workflow.configfiles else ""
+CONFIG_FILES = ", ".join(map(str, workflow.configfiles)) or None
+CONFIG_SCHEMA = Path(workflow.current_basedir).parent / "schemas" / "config.schema.yaml"
+
+
+def config_problems(cfg):
+    """The config's schema violations, one line each naming the key."""
+    import jsonschema
+    import yaml
+
+    validator = jsonschema.Draft202012Validator(yaml.safe_load(CONFIG_SCHEMA.read_text()))
+    lines = []
+    for err in sorted(validator.iter_errors(cfg), key=lambda e: list(map(str, e.path))):
+        key = ".".join(map(str, err.path)) or "(top level)"
+        lines.append(f"{key}: {err.message}")
+    return lines
+
+
+USER_CONFIG = copy.deepcopy(config)  # what the config files say, before the schema's defaults
+if config_problems(config):
+    raise CovidctError(
+        "invalid config:\n  " + "\n  ".join(config_problems(config)),
+        path=CONFIG_FILES,
+    )
+validate(config, str(CONFIG_SCHEMA))
 
 # Rules call `covidct`. Appending the bin folder of the Python running Snakemake (e.g. .venv/bin)
 # finds it even when the user did not activate the environment; appended, not prepended, so that
 # a rule's conda environment (--use-conda) still comes first.
 # COVIDCT_CONFIG names the config file whose hash tags the MLflow runs; it is no rule parameter,
 # so editing the config (e.g. adding a site) reruns only what the change touches.
-CONFIG_FILE = str(Path(workflow.configfiles[-1]).resolve()) if workflow.configfiles else ""
 shell.prefix(
     f'export PATH="$PATH:{Path(sys.executable).parent}" TF_CPP_MIN_LOG_LEVEL=2'
     f" COVIDCT_CONFIG={shlex.quote(CONFIG_FILE)}; "
@@ -30,6 +57,7 @@ SYNTHETIC = not config.get("samples")
 RESULTS = "results"
 TRAINING = config["training"]
 SEGMENTATION = config["segmentation"]
+TRACKING_PARAMS = P.from_config(P.TrackingParams, config["mlflow"])
 
 
 def stage_options(cls, section, exclude=()):
@@ -37,7 +65,7 @@ def stage_options(cls, section, exclude=()):
     return P.as_options(P.from_config(cls, section), exclude=exclude)
 
 
-TRACKING = stage_options(P.TrackingParams, config["mlflow"])
+TRACKING = P.as_options(TRACKING_PARAMS)
 
 
 def _load_samples():
@@ -47,15 +75,13 @@ def _load_samples():
         table = cohort_table(config, root=f"{RESULTS}/synth")
         sheet_path = "the synthetic cohort (config: synthetic)"
     else:
-        table = read_sheet(config["samples"])
+        table = read_sheet(config["samples"], SITES)
         sheet_path = config["samples"]
-    table = check_sheet(table, SITES, path=sheet_path)
-    columns = [c for c in COLUMNS if c in table.columns]
-    validate(table[columns].reset_index(drop=True), "../schemas/samples.schema.yaml")
-    return table
+    return check_sheet(table, SITES, path=sheet_path)
 
 
 samples = _load_samples()
+MISSING_IMAGES = [] if SYNTHETIC else missing_images(samples)
 
 
 wildcard_constraints:
@@ -76,17 +102,123 @@ TRAIN_SITES = sites_for("train")
 PRETRAIN_SITES = sites_for("pretrain")
 DIAGNOSIS_SITES = sites_for("diagnosis")
 PROGNOSIS_SITES = sites_for("prognosis")
-# Table 2's column order: training sites, then diagnosis, then prognosis validation sites.
-EVAL_SITES = list(dict.fromkeys(TRAIN_SITES + DIAGNOSIS_SITES + PROGNOSIS_SITES))
-COX_SITES = sorted(set(TRAIN_SITES) | set(PROGNOSIS_SITES))
 
 
-def patient_dir(row):
-    return f"{RESULTS}/patients/{row.site}/{row.patient}"
+# ---- the trained system, and what the workflow runs -----------------------------------------
+
+
+def _open_system():
+    """The config's trained system (a folder, or an MLflow model URI fetched once into
+    results/system/), its plan applied to the preprocessing of the new sites."""
+    source = config.get("system") or ""
+    if not source or TRAIN_SITES:  # with train sites the plan below refuses a system
+        return None
+    from covidct.inference.system import open_system
+    from covidct.io.results import PLAN_JSON
+    from covidct.model.saved import is_model_uri
+
+    cache = Path(RESULTS) / "system" / "".join(c if c.isalnum() else "_" for c in source)
+    if is_model_uri(source) and (cache / PLAN_JSON).exists():
+        system = open_system(cache)
+        system.source = source
+    else:
+        system = open_system(source, TRACKING_PARAMS, cache)
+    _apply_plan(system)
+    return system
+
+
+def _apply_plan(system):
+    """The new sites are processed as the system's training scans were: a preprocessing value
+    the config sets and the plan contradicts is refused, naming the field."""
+    pre = system.preprocessing
+    seg = pre["segmentation"]
+    planned = {
+        ("ingest",): pre["ingest"],
+        ("roi",): pre["roi"],
+        ("segmentation", "threshold"): seg.get("params") or {},
+    }
+    problems = []
+    if USER_CONFIG.get("segmentation", {}).get("method", seg["method"]) != seg["method"]:
+        problems.append(
+            f"segmentation.method is {USER_CONFIG['segmentation']['method']!r} "
+            f"here, {seg['method']!r} in the plan"
+        )
+    for keys, plan in planned.items():
+        given = USER_CONFIG
+        for key in keys:
+            given = (given or {}).get(key, {})
+        for key, value in (given or {}).items():
+            if key in plan and list(value if isinstance(value, (list, tuple)) else [value]) != list(
+                plan[key] if isinstance(plan[key], (list, tuple)) else [plan[key]]
+            ):
+                problems.append(
+                    f"{'.'.join(keys)}.{key} is {value!r} here, {plan[key]!r} in " "the plan"
+                )
+    if problems:
+        raise CovidctError(
+            f"the trained system {system.source} cannot be applied with this config (its "
+            "plan fixes how scans are processed; remove these keys or make them agree):\n  "
+            + "\n  ".join(problems)
+        )
+    config["ingest"].update(pre["ingest"])
+    config["roi"].update(pre["roi"])
+    SEGMENTATION["method"] = seg["method"]
+    SEGMENTATION["threshold"].update(seg.get("params") or {})
+    if system.segmenter is not None:
+        SEGMENTATION["model"] = str(system.segmenter)
+
+
+def training_discharges():
+    """Discharges among the training sites' COVID-19 patients with follow-up."""
+    rows = patients_of(TRAIN_SITES)
+    follow = rows[(rows["label"] == "covid") & rows["stay_days"].notna()]
+    follow = follow[follow["stay_days"] >= config["prognosis"]["min_follow_up"]]
+    return int((follow["discharged"].fillna(0) == 1).sum())
+
+
+def _plan():
+    try:
+        plan = plan_workflow(
+            pretrain_sites=PRETRAIN_SITES,
+            train_sites=TRAIN_SITES,
+            diagnosis_sites=DIAGNOSIS_SITES,
+            prognosis_sites=PROGNOSIS_SITES,
+            init=TRAINING["init"] or None,
+            system=config.get("system") or None,
+            system_has_cox=SYSTEM is not None and SYSTEM.cox is not None,
+            train_events=training_discharges(),
+            min_events=config["prognosis"]["min_events"],
+        )
+    except ValueError as err:
+        raise CovidctError(str(err), path=CONFIG_FILES)
+    lines = list(plan.messages)
+    if MISSING_IMAGES:
+        lines.append(
+            f"{len(MISSING_IMAGES)} scan(s) not found (these patients' ingest jobs will fail): "
+            + "; ".join(MISSING_IMAGES)
+        )
+    if workflow.is_main_process:
+        for line in lines:
+            (logger.warning if "not found" in line else logger.info)(f"covidct: {line}")
+        from covidct.io.atomic import write_text
+
+        write_text("logs/workflow_plan.txt", "\n".join(lines) + "\n")
+    return plan
 
 
 def patients_of(sites):
     return samples[samples["site"].isin(list(sites))]
+
+
+SYSTEM = _open_system()
+PLAN = _plan()
+# Table 2's column order: training sites, then diagnosis, then prognosis validation sites.
+EVAL_SITES = PLAN.evaluate
+COX_SITES = PLAN.cox_sites
+
+
+def patient_dir(row):
+    return f"{RESULTS}/patients/{row.site}/{row.patient}"
 
 
 def store_paths(sites, store):
@@ -117,6 +249,7 @@ def write_site_sheet(site, path):
     from covidct.io.atomic import write_csv
 
     rows = samples[samples["site"] == site].drop(columns=["y"])
+    rows["image"] = [str(Path(image).absolute()) for image in rows["image"]]
     write_csv(path, rows, sep="\t")
     return len(rows)
 
@@ -211,20 +344,60 @@ def train_options(name, rule, sites, task):
         P.TrainParams, TRAINING, epochs=TRAINING["epochs"][name], class_weight=class_weight
     )
     tags = f"--tag covidct.rule={rule} --tag covidct.sites={','.join(sites)}"
-    return f"--name {name} --task {task} {P.as_options(params)} {tags} {TRACKING}"
+    synthetic = " --synthetic" if SYNTHETIC else ""
+    return f"--name {name} --task {task} {P.as_options(params)}{synthetic} {tags} {TRACKING}"
 
 
 TRAIN_SHELL = (
     "KERAS_BACKEND={params.backend} covidct train --sheet {input.sheets} --rois {input.rois}"
     " --out {params.out} {params.init} {params.options} > {log} 2>&1"
 )
+MODELS = f"{RESULTS}/models"
+
+
+def finetune_init_input(wildcards):
+    """The model file finetune_covid starts from (none for random init or a model URI)."""
+    from covidct.model.saved import is_model_uri
+
+    if PLAN.init == "pretrain_egfr":
+        return [f"{MODELS}/pretrain_egfr/model.keras"]
+    if PLAN.init and not is_model_uri(PLAN.init):
+        return [PLAN.init]
+    return []
+
+
+def finetune_init_flag(wildcards, input):
+    if PLAN.init is None:
+        return ""
+    return f"--init {shlex.quote(input.init[0] if input.init else PLAN.init)}"
+
 
 # model -> the folder of its per-site evaluation, below results/
-EVAL_DIRS = {"finetune_covid": "eval/{site}", "random_init": "eval/{site}/random_init"}
+EVAL_DIRS = {"finetune_covid": "eval/{site}"}
+if PLAN.ablation:
+    EVAL_DIRS["random_init"] = "eval/{site}/random_init"
+
+
+def model_file(model):
+    """The model a site is evaluated with: trained here, or the config's trained system."""
+    if model == "finetune_covid" and SYSTEM is not None:
+        return str(SYSTEM.model)
+    return f"{MODELS}/{model}/model.keras"
 
 
 def eval_file(model, name, site="{site}"):
     return f"{RESULTS}/{EVAL_DIRS[model].format(site=site)}/{name}"
+
+
+def youden_flag(wildcards, input):
+    """The Youden threshold: chosen on the training sites, or the trained system's."""
+    if SYSTEM is not None:
+        threshold = SYSTEM.plan["evaluation"].get("youden_threshold")
+        if threshold is None:
+            return ""
+        source = shlex.quote(f"the trained system {SYSTEM.source}")
+        return f"--youden-threshold {threshold} --youden-source {source}"
+    return f"--youden-from {' '.join(input.train)}"
 
 
 def subgroup_flags(wildcards):
@@ -236,13 +409,45 @@ def validate_flag(wildcards, input):
     return f"--validate {' '.join(input.validate)}" if input.validate else ""
 
 
+def tables_outputs():
+    """Table 2 and Figure 3 always; Table S2 where there is an ablation to compare."""
+    outputs = dict(
+        table2=report(
+            f"{RESULTS}/tables/table2.md", caption="../report/table2.rst", category="Tables"
+        ),
+        table2_csv=f"{RESULTS}/tables/table2.csv",
+        roc=report(
+            f"{RESULTS}/tables/figure3a_roc.png",
+            caption="../report/figure3.rst",
+            category="Diagnosis",
+        ),
+        calibration=report(
+            f"{RESULTS}/tables/figure3b_calibration.png",
+            caption="../report/figure3.rst",
+            category="Diagnosis",
+        ),
+    )
+    if PLAN.ablation:
+        outputs["table_s2"] = report(
+            f"{RESULTS}/tables/table_s2.md", caption="../report/table_s2.rst", category="Tables"
+        )
+        outputs["table_s2_csv"] = f"{RESULTS}/tables/table_s2.csv"
+    return outputs
+
+
 def final_outputs():
     outputs = [f"{patient_dir(r)}/roi.zarr" for r in samples.itertuples()]
     outputs += [f"{RESULTS}/tables/qc_summary.tsv"]
-    if TRAIN_SITES and PRETRAIN_SITES:
-        outputs += [f"{RESULTS}/models/{m}/run.json" for m in ("finetune_covid", "random_init")]
+    if PLAN.pretrain:
+        outputs += [f"{MODELS}/pretrain_egfr/run.json"]
+    if PLAN.finetune:
+        outputs += [f"{MODELS}/finetune_covid/plan.json"]
+    if PLAN.ablation:
+        outputs += [f"{MODELS}/random_init/run.json", f"{RESULTS}/tables/table_s2.md"]
+    if PLAN.model:
         outputs += [eval_file("finetune_covid", "metrics.json", s) for s in EVAL_SITES]
-        outputs += [f"{RESULTS}/tables/table2.md", f"{RESULTS}/tables/table_s2.md"]
+        outputs += [f"{RESULTS}/tables/table2.md", f"{RESULTS}/explain/feature_pca.png"]
+    if PLAN.cox_fit:
         outputs += [f"{RESULTS}/prognosis/cox.json", f"{RESULTS}/tables/table_s3.md"]
-        outputs += [f"{RESULTS}/explain/feature_pca.png"]
+    outputs += [f"{RESULTS}/prognosis/{s}/logrank.json" for s in COX_SITES]
     return outputs

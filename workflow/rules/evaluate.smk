@@ -8,7 +8,7 @@ for _model in EVAL_DIRS:
         name:
             f"predict_{_model}"
         input:
-            model=f"{RESULTS}/models/{_model}/model.keras",
+            model=model_file(_model),
             rois=lambda wc: store_paths([wc.site], "roi.zarr"),
             sheet=lambda wc: site_sheet(wc.site),
         output:
@@ -55,45 +55,38 @@ for _model in EVAL_DIRS:
             outdir=lambda wc, output: Path(output.metrics).parent,
             options=stage_options(P.EvaluationParams, config["evaluation"]),
             subgroups=subgroup_flags,
+            youden=youden_flag,
             role=lambda wc: site_role(wc.site),
             model_name=_model,
             tracking=TRACKING,
         shell:
             "covidct evaluate {input.predictions} {params.outdir} {params.options}"
-            " --youden-from {input.train} {params.subgroups} --site {wildcards.site} --role {params.role}"
+            " {params.youden} {params.subgroups} --site {wildcards.site} --role {params.role}"
             " --model-name {params.model_name} {params.tracking} > {log} 2>&1"
 
 
-rule tables:
-    input:
-        metrics=[eval_file("finetune_covid", "metrics.json", s) for s in EVAL_SITES],
-        ablation=[eval_file("random_init", "metrics.json", s) for s in EVAL_SITES],
-        predictions=[eval_file("finetune_covid", "predictions.csv", s) for s in EVAL_SITES],
-    output:
-        table2=report(
-            f"{RESULTS}/tables/table2.md", caption="../report/table2.rst", category="Tables"
-        ),
-        table2_csv=f"{RESULTS}/tables/table2.csv",
-        table_s2=report(
-            f"{RESULTS}/tables/table_s2.md", caption="../report/table_s2.rst", category="Tables"
-        ),
-        table_s2_csv=f"{RESULTS}/tables/table_s2.csv",
-        roc=report(
-            f"{RESULTS}/tables/figure3a_roc.png",
-            caption="../report/figure3.rst",
-            category="Diagnosis",
-        ),
-        calibration=report(
-            f"{RESULTS}/tables/figure3b_calibration.png",
-            caption="../report/figure3.rst",
-            category="Diagnosis",
-        ),
-    log:
-        "logs/tables.log",
-    conda:
-        "../../envs/stats.yaml"
-    params:
-        out_dir=lambda wc, output: Path(output.table2).parent,
-    shell:
-        "covidct tables --metrics {input.metrics} --ablation {input.ablation}"
-        " --out-dir {params.out_dir} > {log} 2>&1"
+if PLAN.model:
+
+    rule tables:
+        input:
+            metrics=[eval_file("finetune_covid", "metrics.json", s) for s in EVAL_SITES],
+            ablation=(
+                [eval_file("random_init", "metrics.json", s) for s in EVAL_SITES]
+                if PLAN.ablation
+                else []
+            ),
+            predictions=[eval_file("finetune_covid", "predictions.csv", s) for s in EVAL_SITES],
+        output:
+            **tables_outputs(),
+        log:
+            "logs/tables.log",
+        conda:
+            "../../envs/stats.yaml"
+        params:
+            out_dir=lambda wc, output: Path(output.table2).parent,
+            ablation=lambda wc, input: (
+                f"--ablation {' '.join(input.ablation)}" if input.ablation else ""
+            ),
+        shell:
+            "covidct tables --metrics {input.metrics} {params.ablation}"
+            " --out-dir {params.out_dir} > {log} 2>&1"

@@ -110,17 +110,20 @@ def diagnostic_metrics(y, p, params: EvaluationParams = EvaluationParams(), *,
 
 def evaluate_predictions(df: pd.DataFrame, params: EvaluationParams = EvaluationParams(), *,
                          youden_from: pd.DataFrame | None = None,
-                         youden_source: str | None = None,
+                         youden_source: str | None = None, youden: float | None = None,
                          subgroups: Mapping[str, Sequence[str]] | None = None) -> dict[str, Any]:
     """metrics.json's content for a site's predictions.
 
-    The Youden threshold is chosen on ``youden_from`` (the training sites' predictions) and
-    applied to this site; without it, it is chosen on this site itself (optimistic, noted).
+    The Youden threshold is ``youden`` when given (a trained system's, from its training
+    sites), else chosen on ``youden_from`` (the training sites' predictions) and applied to this
+    site; without either, it is chosen on this site itself (optimistic, noted).
     """
     notes: list[str] = []
     source = youden_from if youden_from is not None else df
     chosen = stats.youden_threshold(source["y"].to_numpy(), source["probability"].to_numpy())
-    if youden_from is None:
+    if youden is not None:
+        chosen = {"threshold": float(youden), "j": None}
+    elif youden_from is None:
         youden_source = "this site (optimistic: chosen and measured on the same patients)"
     if chosen is None:
         notes.append("Youden threshold undefined: its source predictions hold one class only")
@@ -128,7 +131,7 @@ def evaluate_predictions(df: pd.DataFrame, params: EvaluationParams = Evaluation
 
     metrics = diagnostic_metrics(df["y"].to_numpy(), df["probability"].to_numpy(), params,
                                  youden_threshold=yt, youden_source=youden_source)
-    if chosen is not None:
+    if chosen is not None and chosen["j"] is not None:
         metrics["youden"]["j_at_source"] = chosen["j"]
     metrics["notes"] = metrics["notes"] + notes
 
@@ -203,9 +206,14 @@ def add_arguments(parser) -> None:
     parser.add_argument("outdir", type=Path,
                         help="folder for metrics.json, roc.png, calibration.png")
     add_options(parser, EvaluationParams)
-    parser.add_argument("--youden-from", nargs="+", type=Path, default=None, metavar="CSV",
+    youden = parser.add_mutually_exclusive_group()
+    youden.add_argument("--youden-from", nargs="+", type=Path, default=None, metavar="CSV",
                         help="training-site predictions on which the Youden threshold is chosen "
                              "(default: this site itself, optimistic)")
+    youden.add_argument("--youden-threshold", type=float, default=None, metavar="T",
+                        help="the Youden threshold as chosen elsewhere (a trained system's plan)")
+    parser.add_argument("--youden-source", default=None,
+                        help="where --youden-threshold was chosen (recorded in metrics.json)")
     parser.add_argument("--subgroup", action="extend", nargs="+", default=[],
                         metavar="NAME=LABELS",
                         help="stratified analysis, e.g. validation-viral=covid,viral")
@@ -246,10 +254,9 @@ def run(args) -> int:
 
     log.info("evaluating site %s (model %s): %d patients, %d COVID-19, threshold %.3f",
              site, model or "?", len(df), int(df["y"].sum()), params.threshold)
-    metrics = evaluate_predictions(
-        df, params, youden_from=youden_df,
-        youden_source=", ".join(map(str, args.youden_from)) if args.youden_from else None,
-        subgroups=subgroups)
+    source = ", ".join(map(str, args.youden_from)) if args.youden_from else args.youden_source
+    metrics = evaluate_predictions(df, params, youden_from=youden_df, youden_source=source,
+                                   youden=args.youden_threshold, subgroups=subgroups)
     metrics = {"site": site, "model": model, "role": args.role,
                "predictions": [str(p) for p in args.predictions],
                "ci_method": params.ci, "ci_level": params.ci_level,

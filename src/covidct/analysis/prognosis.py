@@ -110,9 +110,12 @@ def risk_from_features(cox: dict, features_64: Sequence[float], age: float, sex:
 # --------------------------------------------------------------------------- command line
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--train", nargs="+", required=True, type=Path, metavar="PREDICTIONS.csv",
+    parser.add_argument("--train", nargs="+", default=[], type=Path, metavar="PREDICTIONS.csv",
                         help="predictions.csv of the training site(s): the Cox model is fitted "
                              "on their COVID-19 patients with follow-up (pooled)")
+    parser.add_argument("--cox", type=Path, default=None, metavar="COX.json",
+                        help="apply this Cox model and cut-off (a trained system's) instead of "
+                             "fitting one: only --validate sites, no Table S3")
     parser.add_argument("--validate", nargs="*", default=[], type=Path, metavar="PREDICTIONS.csv",
                         help="predictions.csv of validation site(s): scored with the training "
                              "model and cut-off, unchanged")
@@ -412,14 +415,11 @@ def site_notes(stats: dict, notes: Sequence[str]) -> list[str]:
     return out
 
 
-def run(args: argparse.Namespace) -> int:
+def fit_and_record(cohort: pd.DataFrame, features, sites, params: PrognosisParams, out: Path,
+                   tables_dir: Path) -> dict:
+    """Fit the Cox model on the cohort's training patients; writes cox.json and Table S3."""
     from covidct.analysis import survival
-    from covidct.analysis.figures import km_figure
 
-    params = from_args(PrognosisParams, args)
-    tracking = from_args(TrackingParams, args)
-    cohort, features, sites, notes = load_cohort(args.train, args.validate, args.sheet,
-                                                 params.min_follow_up)
     train = cohort[cohort["role"] == "train"].reset_index(drop=True)
     log.info("prognosis cohort: %d COVID-19 patients with follow-up (%d training, %d events in "
              "training) across %d site(s)", len(cohort), len(train), int(train[EVENT].sum()),
@@ -434,19 +434,39 @@ def run(args: argparse.Namespace) -> int:
     cox["training"].update({"sites": [s for s in sites if (cohort.loc[cohort.site == s, "role"]
                                                            == "train").any()],
                             "c_index": c, "c_index_ci": ci})
-    out, tables_dir = Path(args.out_dir), Path(args.tables_dir)
     write_cox(out / "cox.json", cox)
-
     table = survival.univariate_table(train, DURATION, EVENT, cox["covariates"],
                                       params.penalizer)
     table.insert(0, "feature", [display_name(c) for c in table["covariate"]])
     table["multivariate_coef_per_sd"] = cox["coefficients"]
     table["hr_of"] = "discharge"
     write_table_s3(tables_dir, table, len(train), int(train[EVENT].sum()), cox["selection"])
+    return cox
+
+
+def run(args: argparse.Namespace) -> int:
+    from covidct.analysis.figures import km_figure
+    from covidct.io.results import read_cox
+
+    params = from_args(PrognosisParams, args)
+    tracking = from_args(TrackingParams, args)
+    if not args.train and args.cox is None:
+        raise CovidctError("give --train (fit a Cox model) or --cox (apply one)")
+    cohort, features, sites, notes = load_cohort(args.train or [], args.validate, args.sheet,
+                                                 params.min_follow_up)
+    out, tables_dir = Path(args.out_dir), Path(args.tables_dir)
+    if args.cox is not None:
+        cox = read_cox(args.cox)
+        log.info("applying the Cox model %s (cut-off %.4f) to %s", args.cox, cox["cutoff"],
+                 ", ".join(sites))
+        training_sites = []
+    else:
+        cox = fit_and_record(cohort, features, sites, params, out, tables_dir)
+        training_sites = cox["training"]["sites"]
 
     for site in sites:
         sub = cohort[cohort["site"] == site].reset_index(drop=True)
-        role = "train" if site in cox["training"]["sites"] else "validate"
+        role = "train" if site in training_sites else "validate"
         stats, fitters = site_result(sub, cox, n_boot=params.n_boot, seed=params.seed)
         stats = {"site": site, "role": role, **stats,
                  "notes": site_notes(stats, notes.get(site, []))}

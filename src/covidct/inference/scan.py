@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -336,47 +336,118 @@ def predict_scan(scan: str | Path, model_path: str | Path, *, cox_path: str | Pa
 
 # --------------------------------------------------------------------------- command line
 
-def roi_settings(model_path: str | Path, given: dict) -> dict:
-    """The ROI settings to predict with: each one as ``given`` on the command line, else as the
-    model's training ROIs were made (``roi`` in the run.json beside model.keras), else the roi
-    stage's default. A given value that differs from the recorded one is kept, with a warning:
-    the model never saw ROIs made that way."""
+@dataclass
+class Settings:
+    """What ``covidct predict`` runs with: the system's plan with the command line's overrides."""
+
+    model: Path
+    roi: RoiParams
+    ingest: IngestParams
+    segmentation: str
+    segmenter: Path | None
+    threshold: float
+    cox: Path | None
+    system: dict | None
+
+
+def _override(name: str, given, planned, source: str):
+    """``given`` where set (warning when the plan says otherwise), else the planned value."""
+    if given is None:
+        return planned
+    if planned is not None and given != planned:
+        log.warning("%s = %s as given, but %s says the training ROIs were made with %s: the "
+                    "model never saw scans processed that way", name, given, source, planned)
+    return given
+
+
+def settings_from_plan(args) -> Settings:
+    """The settings of ``--system``: every value from the plan, a flag overriding it."""
+    from covidct.inference.system import SYNTHETIC_WARNING, open_system
+    from covidct.params import ThresholdParams, TrackingParams, from_config
+
+    system = open_system(args.system, TrackingParams(args.tracking_uri, args.experiment))
+    pre, source = system.preprocessing, system.source
+    seg = pre["segmentation"]
+    roi = from_config(RoiParams, pre["roi"])
+    roi = replace(roi, min_pixels=_override("--min-pixels", args.min_pixels, roi.min_pixels,
+                                            source),
+                  antialias=_override("--antialias", args.antialias, roi.antialias, source),
+                  allow_fallback=_override("--allow-fallback", args.allow_fallback or None,
+                                           roi.allow_fallback, source))
+    ingest = from_config(IngestParams, pre["ingest"])
+    ingest = replace(ingest, rescale_intercept=_override(
+        "--rescale-intercept", args.rescale_intercept, ingest.rescale_intercept, source))
+    method = _override("--segmentation", args.segmentation, seg["method"], source)
+    if method == "threshold" and seg["method"] == "threshold":
+        from_config(ThresholdParams, seg.get("params"))      # the plan's parameters are valid
+    if system.synthetic:
+        log.warning(SYNTHETIC_WARNING)
+    cox = _override("--cox", args.cox, system.cox, source)
+    clinical = (args.age, args.sex, args.comorbidity)
+    if args.cox is None and cox is not None and None in clinical:
+        log.info("the system's Cox model needs --age, --sex and --comorbidity: no risk group")
+        cox = None
+    return Settings(
+        model=system.model, roi=roi, ingest=ingest, segmentation=method,
+        segmenter=_override("--segmenter", args.segmenter, system.segmenter, source),
+        threshold=_override("--threshold", args.threshold,
+                            system.plan["evaluation"]["threshold"], source),
+        cox=cox,
+        system={"source": source, "training_data": system.plan.get("training_data"),
+                "youden_threshold": system.plan["evaluation"].get("youden_threshold"),
+                **({"warning": SYNTHETIC_WARNING} if system.synthetic else {})})
+
+
+def settings_from_model(args) -> Settings:
+    """The settings of ``--model``: the ROI as the run.json beside it records, else defaults."""
     from covidct.io.results import read_run
 
     try:
-        run = read_run(model_path) or {}
+        run = read_run(args.model) or {}
     except CovidctError as err:
         log.warning("%s; ROI settings from the command line or defaults", err)
         run = {}
-    recorded = run.get("roi") or {}
+    recorded = (run.get("preprocessing") or {}).get("roi") or {}
     source = run.get("_path", "run.json")
-    settings = {}
+    if run and not recorded:
+        log.warning("%s records no ROI settings of the training data: the defaults (or the "
+                    "command line) apply", source)
+    elif recorded:
+        log.info("ROI settings from the model's training ROIs (%s): %s", source,
+                 {k: recorded.get(k) for k in ROI_SETTINGS})
+    roi = {}
     for key in ROI_SETTINGS:
-        value, known = given.get(key), recorded.get(key)
-        if value is None:
-            settings[key] = getattr(RoiParams, key) if known is None else known
-            log.info("ROI %s = %s, from %s", key, settings[key],
-                     "the default" if known is None else f"the model's training ROIs ({source})")
-        else:
-            settings[key] = value
-            if known is not None and known != value:
-                log.warning("ROI %s = %s as given, but the model's training ROIs were made "
-                            "with %s (%s)", key, value, known, source)
-    return settings
+        given, known = getattr(args, key), recorded.get(key)
+        roi[key] = _override(f"--{key.replace('_', '-')}", given, known, source)
+        if roi[key] is None:
+            roi[key] = getattr(RoiParams, key)
+    return Settings(model=args.model, roi=RoiParams(allow_fallback=args.allow_fallback, **roi),
+                    ingest=IngestParams(rescale_intercept=args.rescale_intercept),
+                    segmentation=args.segmentation or "threshold", segmenter=args.segmenter,
+                    threshold=EvaluationParams.threshold if args.threshold is None
+                    else args.threshold, cox=args.cox, system=None)
 
 
 def add_arguments(parser) -> None:
+    from covidct.params import DEFAULT_EXPERIMENT, DEFAULT_TRACKING_URI
+
     parser.add_argument("scan", type=Path, help="DICOM folder (searched recursively) or "
                         "NIfTI/MHA/NRRD file of one chest CT")
-    parser.add_argument("--model", required=True, type=Path,
-                        help="trained COVID-19Net (.keras), e.g. results/models/finetune_covid/"
-                             "model.keras; the ROI size is its input size")
-    parser.add_argument("--threshold", type=float, default=EvaluationParams.threshold,
-                        help="probability at or above which the prediction is 'covid' "
-                             "(default: %(default)s)")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--system", default=None, metavar="DIR|MODEL_URI",
+                      help="a trained system: its folder (results/models/finetune_covid) or a "
+                           "registered model (models:/covidct-finetune_covid/1, ...@ALIAS); the "
+                           "scan is processed as its plan says, and a flag below overrides the "
+                           "plan only with a warning")
+    what.add_argument("--model", type=Path, default=None,
+                      help="a trained COVID-19Net (.keras) alone; the ROI as the run.json beside "
+                           "it records, the rest from the flags")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="probability at or above which the prediction is 'covid' (default: "
+                             f"the system's; else {EvaluationParams.threshold})")
     parser.add_argument("--cox", type=Path, default=None, metavar="COX.json",
-                        help="Cox model from covidct prognosis (results/prognosis/cox.json); "
-                             "needs --age, --sex and --comorbidity")
+                        help="Cox model (default: the system's cox.json); needs --age, --sex "
+                             "and --comorbidity")
     parser.add_argument("--age", type=float, default=None, help="age in years (with --cox)")
     parser.add_argument("--sex", type=str.upper, choices=("M", "F"), default=None,
                         help="M or F (with --cox)")
@@ -385,23 +456,24 @@ def add_arguments(parser) -> None:
     parser.add_argument("--saliency", type=Path, default=None, metavar="OUT.png",
                         help="write the saliency picture (|d probability / d input| on three "
                              "axial ROI slices) here")
-    parser.add_argument("--segmentation", choices=("threshold", "fpn"), default="threshold",
-                        help="lung segmentation method (default: threshold)")
+    parser.add_argument("--segmentation", choices=("threshold", "fpn"), default=None,
+                        help="lung segmentation method (default: the system's; else threshold)")
     parser.add_argument("--segmenter", type=Path, default=None, metavar="SEG.keras",
-                        help="trained lung FPN for --segmentation fpn")
+                        help="trained lung FPN for --segmentation fpn (default: the system's)")
     parser.add_argument("--min-pixels", type=int, default=None,
                         help="reject lung boxes narrower in-plane than this many voxels "
-                             "(default: as the model's training ROIs, from the run.json beside "
-                             f"it; else {RoiParams.min_pixels})")
+                             f"(default: as the training ROIs; else {RoiParams.min_pixels})")
     parser.add_argument("--allow-fallback", action="store_true",
                         help="on a failed segmentation crop the body's bounding box instead of "
                              "failing (recorded as roi.fallback)")
     parser.add_argument("--antialias", action=argparse.BooleanOptionalAction, default=None,
-                        help="anti-aliased ROI resize, as the workflow's roi.antialias; it must "
-                             "match how the model's training ROIs were made (default: as "
-                             "recorded in the run.json beside the model; else on)")
+                        help="anti-aliased ROI resize (default: as the training ROIs)")
     parser.add_argument("--rescale-intercept", type=float, default=None,
                         help="as in covidct ingest: add this to images without any voxel below 0")
+    parser.add_argument("--tracking-uri", default=DEFAULT_TRACKING_URI,
+                        help="the MLflow tracking server of a --system model URI "
+                             "(default %(default)s)")
+    parser.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=0,
                         help="threads for TensorFlow, SimpleITK and dask (0 = all cores, default)")
     parser.add_argument("--sequential", dest="parallel", action="store_false",
@@ -415,17 +487,16 @@ def run(args) -> int:
     import sys
 
     set_predict_threads(args.threads)
-    settings = roi_settings(args.model, {"min_pixels": args.min_pixels,
-                                         "antialias": args.antialias})
-    roi = RoiParams(allow_fallback=args.allow_fallback, **settings)
+    settings = settings_from_plan(args) if args.system else settings_from_model(args)
     # anything a library prints goes to stderr: stdout holds the JSON object only
     with contextlib.redirect_stdout(sys.stderr):
         result = predict_scan(
-            args.scan, args.model, cox_path=args.cox, age=args.age, sex=args.sex,
+            args.scan, settings.model, cox_path=settings.cox, age=args.age, sex=args.sex,
             comorbidity=args.comorbidity, saliency_path=args.saliency,
-            segmentation=args.segmentation, segmenter=args.segmenter, threshold=args.threshold,
-            roi=roi, ingest=IngestParams(rescale_intercept=args.rescale_intercept),
+            segmentation=settings.segmentation, segmenter=settings.segmenter,
+            threshold=settings.threshold, roi=settings.roi, ingest=settings.ingest,
             parallel=args.parallel)
+    result["system"] = settings.system
     sys.stdout.write(json.dumps(result, allow_nan=False) + "\n")
     sys.stdout.flush()
     return 0

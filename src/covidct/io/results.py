@@ -4,7 +4,8 @@
   feature_0..feature_63 (the 64-d DL feature), model;
 - ``metrics.json`` (per site): what ``covidct evaluate`` measured;
 - ``run.json`` (per trained model): the MLflow run and model that training produced;
-- ``cox.json``: the Cox model, its standardisation and its risk cut-off.
+- ``cox.json``: the Cox model, its standardisation and its risk cut-off;
+- ``plan.json`` (per trained system): how its training scans were processed and its thresholds.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from covidct.io.atomic import write_csv, write_json
 FEATURE_RE = re.compile(r"^feature_(\d+)$")
 PREDICTION_COLUMNS = ("patient", "site", "label", "y", "probability")
 RUN_JSON = "run.json"
+PLAN_JSON = "plan.json"
+PLAN_FORMAT = "covidct trained system"
 
 
 # --------------------------------------------------------------------------- predictions.csv
@@ -173,6 +176,26 @@ def read_cox(path: str | Path) -> dict[str, Any]:
         raise CovidctError("cox.json: covariates, coefficients, mean and sd differ in length",
                            path=path)
     return cox
+
+
+# --------------------------------------------------------------------------- plan.json
+
+def write_plan(folder: str | Path, plan: dict) -> Path:
+    """``folder``/plan.json, the trained system's plan (written last: it completes the folder)."""
+    return write_json(Path(folder) / PLAN_JSON, {"format": PLAN_FORMAT, "version": 1, **plan})
+
+
+def read_plan(folder: str | Path) -> dict[str, Any]:
+    """A trained system's plan.json, checked for what applying the system needs."""
+    path = Path(folder) / PLAN_JSON
+    plan = _read_json(path, "trained system's plan")
+    if plan.get("format") != PLAN_FORMAT:
+        raise CovidctError("not a covidct trained system's plan.json (no format "
+                           f"{PLAN_FORMAT!r})", path=path)
+    missing = [k for k in ("model", "input_shape", "preprocessing", "evaluation") if k not in plan]
+    if missing:
+        raise CovidctError(f"plan.json lacks {', '.join(missing)}", path=path)
+    return plan
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -99,26 +99,14 @@ def binary_cross_entropy(y: Sequence[int], p: Sequence[float]) -> float:
     return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
 
 
-def training_roi_settings(roi_attrs: Sequence[Mapping]) -> dict:
-    """The roi-stage settings the training ROIs were made with, from their stores' attributes.
-
-    ``{"antialias": bool, "min_pixels": int}``, a value None where the stores do not record it
-    or disagree. run.json keeps it so that ``covidct predict`` makes its ROI the same way.
-    """
-    seen: dict[str, set] = {"antialias": set(), "min_pixels": set()}
-    for attrs in roi_attrs:
-        seen["antialias"].add(attrs.get("antialias"))
-        seen["min_pixels"].add((attrs.get("rules") or {}).get("min_pixels"))
-    settings = {}
-    for key, values in seen.items():
-        settings[key] = next(iter(values)) if len(values) == 1 else None
-        if len(values) > 1:
-            log.warning("the training ROIs were made with different %s (%s): not recorded",
-                        key, ", ".join(map(str, sorted(values, key=str))))
-    return settings
-
-
 # ---- Keras -----------------------------------------------------------------------------------
+
+def resolve_model(source: str | Path, tracking: TrackingParams) -> Path:
+    """A .keras file as given, or the model.keras of an MLflow model URI (downloaded)."""
+    from covidct.model.saved import download_model, is_model_uri
+
+    return download_model(str(source), tracking) if is_model_uri(source) else Path(source)
+
 
 def load_pretrained(init: Path, input_shape: Sequence[int]):
     """The weights of a saved COVID-19Net, checked against ``input_shape`` (D, H, W)."""
@@ -164,33 +152,38 @@ class ClassifierTrainer(Trainer):
 
     def __init__(self, out, params: TrainParams, *, name: str, task: str,
                  sheet: Sequence[Path] | Path, rois: Sequence[Path], init: Path | None = None,
-                 tracking: TrackingParams = TrackingParams(), register: bool = True,
-                 tags: dict[str, str] | None = None, config=None):
+                 synthetic: bool = False, tracking: TrackingParams = TrackingParams(),
+                 register: bool = True, tags: dict[str, str] | None = None, config=None):
         if task not in TASKS:
             raise CovidctError(f"unknown task {task!r} ({' or '.join(TASKS)})")
         super().__init__(out, name=name, epochs=params.epochs, seed=params.seed,
                          tracking=tracking, register=register, tags=tags, config=config)
         self.p, self.task, self.sheet, self.rois = params, task, sheet, list(rois)
-        self.init = None if init is None else Path(init)
+        self.init = None if init is None else str(init)
+        self.synthetic = bool(synthetic)
         self.precision = params.mixed_precision
         self.rule = name
 
     # ---- hooks -----------------------------------------------------------------------------
     def prepare(self) -> None:
+        from covidct.io.provenance import agreed_preprocessing
         from covidct.model.dataset import roi_metadata
 
         table = training_table(self.sheet, self.rois, self.task)
-        shapes, roi_attrs = {}, []
+        shapes = {}
         for patient, roi in zip(table["patient"], table["roi"]):
-            shape, attrs = roi_metadata(roi)
+            shape, _ = roi_metadata(roi)
             shapes.setdefault(shape, (patient, roi))
-            roi_attrs.append(attrs)
         if len(shapes) > 1:
             (s1, (p1, _)), (s2, (p2, r2)) = list(shapes.items())[:2]
             raise CovidctError(f"ROI shape {'x'.join(map(str, s2))} differs from patient {p1}'s "
                                f"{'x'.join(map(str, s1))}", patient=p2, path=r2)
         self.input_shape = next(iter(shapes))
-        self.roi_settings = training_roi_settings(roi_attrs)
+        self.preprocessing = agreed_preprocessing(table["roi"].tolist())
+        self.training_data = {
+            "sites": sorted(table["site"].unique()), "n": len(table),
+            "labels": {k: int(v) for k, v in table["label"].value_counts().sort_index().items()},
+            "synthetic": self.synthetic}
         train_idx, val_idx = stratified_split(table["y"].to_numpy(), self.p.val_fraction,
                                               self.seed)
         self.train_t, self.val_t = table.iloc[train_idx], table.iloc[val_idx]
@@ -206,7 +199,8 @@ class ClassifierTrainer(Trainer):
         self.val_y = self.val_t["y"].to_numpy()
 
     def build(self, keras):
-        model = initial_model(self.input_shape, self.init, bn_momentum=self.p.bn_momentum)
+        init = None if self.init is None else resolve_model(self.init, self.tracking)
+        model = initial_model(self.input_shape, init, bn_momentum=self.p.bn_momentum)
         self.init_digest = weights_digest(model.get_weights())
         model.compile(
             optimizer=keras.optimizers.SGD(learning_rate=self.p.lr, momentum=self.p.momentum),
@@ -299,7 +293,9 @@ class ClassifierTrainer(Trainer):
             "input_shape": "x".join(map(str, self.input_shape)), "n_train": len(self.train_t),
             "n_val": len(self.val_t), "n_train_positive": int(self.train_t["y"].sum()),
             "n_val_positive": int(self.val_t["y"].sum()), "sites": ",".join(self.sites),
-            **{f"roi_{k}": "unknown" if v is None else v for k, v in self.roi_settings.items()},
+            "synthetic": self.synthetic,
+            **{f"roi_{k}": (self.preprocessing["roi"] or {}).get(k, "unknown")
+               for k in ("antialias", "min_pixels")},
         }
 
     def tags(self) -> dict[str, str]:
@@ -308,17 +304,18 @@ class ClassifierTrainer(Trainer):
     def record(self) -> dict:
         return {"task": self.task, "n_train": len(self.train_t), "n_val": len(self.val_t),
                 "init": str(self.init) if self.init else "none", "init_digest": self.init_digest,
-                "roi": self.roi_settings}
+                "preprocessing": self.preprocessing, "training_data": self.training_data}
 
 
 def train(params: TrainParams, *, name: str, task: str, sheet, rois, out,
-          init: Path | None = None, tracking: TrackingParams = TrackingParams(),
-          register: bool = True, tags: dict[str, str] | None = None, config=None) -> dict:
+          init: Path | str | None = None, synthetic: bool = False,
+          tracking: TrackingParams = TrackingParams(), register: bool = True,
+          tags: dict[str, str] | None = None, config=None) -> dict:
     """Train COVID-19Net into ``out`` (model.keras, history.csv, val_predictions.csv, run.json);
-    returns the run.json record."""
+    returns the run.json record. ``init``: a .keras file or an MLflow model URI."""
     return ClassifierTrainer(out, params, name=name, task=task, sheet=sheet, rois=rois,
-                             init=init, tracking=tracking, register=register, tags=tags,
-                             config=config).run()
+                             init=init, synthetic=synthetic, tracking=tracking,
+                             register=register, tags=tags, config=config).run()
 
 
 # ---- command line ----------------------------------------------------------------------------
@@ -347,8 +344,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--out", required=True, type=Path, help="output folder (model.keras, run.json...)"
     )
-    p.add_argument("--init", type=Path, default=None,
-                   help="pretrained model.keras to start from (same architecture and input size)")
+    p.add_argument("--init", default=None,
+                   help="the model to start from (same architecture and input size): a .keras "
+                        "file or an MLflow model URI (models:/NAME/VERSION, models:/NAME@ALIAS)")
+    p.add_argument("--synthetic", action="store_true",
+                   help="the ROIs are the synthetic demo cohort's (recorded in the run)")
     add_options(p, TrainParams)
     add_options(p, TrackingParams)
     p.add_argument("--config", default=None, help="workflow config file (hashed into a tag)")
@@ -360,7 +360,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     train(from_args(TrainParams, args), name=args.name, task=args.task, sheet=args.sheet,
-          rois=args.rois, out=args.out, init=args.init,
+          rois=args.rois, out=args.out, init=args.init, synthetic=args.synthetic,
           tracking=from_args(TrackingParams, args), register=not args.no_register,
           tags=parse_tags(args.tag), config=args.config)
     return 0

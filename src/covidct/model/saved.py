@@ -55,3 +55,35 @@ def keras_input_shape(path: str | Path) -> tuple[int, int, int] | None:
         return tuple(int(s) for s in shape[1:4])
     except Exception:              # any odd file: the model itself tells, once loaded
         return None
+
+
+MODEL_URI_SCHEMES = ("models:/", "runs:/")
+
+
+def is_model_uri(source) -> bool:
+    """An MLflow model URI (``models:/NAME/VERSION``, ``models:/NAME@ALIAS``, ``runs:/...``)."""
+    return str(source).startswith(MODEL_URI_SCHEMES)
+
+
+def download_model(uri: str, tracking, dst: str | Path | None = None) -> Path:
+    """The model.keras of a model logged to MLflow, downloaded (into ``dst`` or a temporary
+    folder). ``tracking`` (TrackingParams) names the tracking server and registry."""
+    import tempfile
+
+    import mlflow
+
+    if not tracking.enabled:
+        raise CovidctError(f"{uri} is an MLflow model URI, but tracking is off "
+                           "(--tracking-uri none)")
+    mlflow.set_tracking_uri(tracking.tracking_uri)
+    mlflow.set_registry_uri(tracking.tracking_uri)
+    dst = Path(dst or tempfile.mkdtemp(prefix="covidct-model-"))
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
+    except Exception as err:        # MLflow raises several kinds for an unknown model
+        raise CovidctError(f"cannot fetch the model {uri} from {tracking.tracking_uri} "
+                           f"({type(err).__name__}: {err})") from None
+    found = sorted(local.rglob("*.keras"))
+    if not found:
+        raise CovidctError(f"the MLflow model {uri} holds no .keras file", path=local)
+    return found[0]

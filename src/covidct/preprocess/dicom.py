@@ -20,7 +20,9 @@ log = logging.getLogger(__name__)
 
 AXIAL_MIN_COS = 0.9            # |slice normal . z| at least this (gantry tilt up to ~25 degrees)
 
-# Provenance allow-list: attribute name -> DICOM keyword. Nothing else from a header is kept.
+# Provenance allow-list: attribute name -> DICOM keyword. Nothing else from a header is kept:
+# only coded values and the scanner's make, no free text (descriptions, comments, contrast
+# agent names: the PS3.15 confidentiality profile removes them, as they may name a person).
 SAFE_DICOM_FIELDS = {
     "modality": "Modality",
     "manufacturer": "Manufacturer",
@@ -28,12 +30,13 @@ SAFE_DICOM_FIELDS = {
     "kernel": "ConvolutionKernel",
     "kvp": "KVP",
     "slice_thickness_mm": "SliceThickness",
-    "series_description": "SeriesDescription",
     "body_part": "BodyPartExamined",
     "image_type": "ImageType",
     "patient_position": "PatientPosition",
-    "contrast_agent": "ContrastBolusAgent",
 }
+# Identifiers compared in memory (hashed), never kept: one folder must hold one patient's study.
+_IDENTITY_TAGS = {"PatientID": 0x00100020, "PatientName": 0x00100010,
+                  "StudyInstanceUID": 0x0020000D}
 # Header fields read per file (no pixels): keyword -> (tag, how its raw bytes decode).
 # Decoding the raw bytes of these few elements is 3x faster than pydicom's element conversion.
 _HEADER_TAGS = {
@@ -46,9 +49,9 @@ _HEADER_TAGS = {
     "PixelPaddingRangeLimit": (0x00280121, "xS"), "Manufacturer": (0x00080070, "text"),
     "ManufacturerModelName": (0x00081090, "text"), "ConvolutionKernel": (0x00181210, "text"),
     "KVP": (0x00180060, "text"), "SliceThickness": (0x00180050, "text"),
-    "SeriesDescription": (0x0008103E, "text"), "BodyPartExamined": (0x00180015, "text"),
-    "PatientPosition": (0x00185100, "text"), "ContrastBolusAgent": (0x00180010, "text"),
+    "BodyPartExamined": (0x00180015, "text"), "PatientPosition": (0x00185100, "text"),
     "SOPClassUID": (0x00080016, "text"),
+    **{keyword: (tag, "text") for keyword, tag in _IDENTITY_TAGS.items()},
 }
 # SOP classes of images (CT, MR, PET, secondary capture, NM, RT image): a file of one of these,
 # or with the DICM magic but no readable class, that has no image size is a damaged image.
@@ -86,7 +89,8 @@ def _element_value(ds, tag: int, kind: str, signed: bool = False):
 
 @dataclass
 class Slice:
-    """Header facts of one DICOM file (no pixel data, nothing identifying)."""
+    """Header facts of one DICOM file (no pixel data; of the patient and the study only an
+    unreadable digest, to tell two apart)."""
 
     path: Path
     modality: str | None
@@ -100,6 +104,8 @@ class Slice:
     intercept: float
     padding: tuple[float, ...]          # PixelPaddingValue (and range limit) in stored units
     safe: dict[str, Any]
+    patient_key: str = ""               # digest of PatientID and PatientName
+    study_key: str = ""                 # digest of StudyInstanceUID
 
     @property
     def normal(self) -> np.ndarray | None:
@@ -246,7 +252,17 @@ def read_header(path: Path) -> tuple[Slice, str] | None:
         intercept=_number(get("RescaleIntercept"), 0.0),
         padding=padding,
         safe={k: v for k, v in safe.items() if v not in (None, "", [])},
+        patient_key=_digest(get("PatientID"), get("PatientName")),
+        study_key=_digest(get("StudyInstanceUID")),
     ), str(get("SeriesInstanceUID") or "")
+
+
+def _digest(*values) -> str:
+    """A digest that tells identifiers apart without keeping them ("" when all are empty)."""
+    import hashlib
+
+    text = "\x1f".join("" if v is None else str(v) for v in values)
+    return hashlib.sha256(text.encode()).hexdigest()[:16] if text.strip("\x1f") else ""
 
 
 def list_series(folder: Path) -> list[Series]:
@@ -290,8 +306,28 @@ def choose_series(series: list[Series], folder: Path) -> tuple[Series, list[str]
         else:
             message = f"no axial CT series among {len(series)} ({'; '.join(reasons)})"
         raise CovidctError(message, step=STEP, path=series[0].first.path)
+    check_one_study(candidates, folder)
     best = max(candidates, key=lambda s: s.n_slices)
+    others = sorted((s.n_slices for s in candidates if s is not best), reverse=True)
+    if others:
+        skipped.append(f"chose the {best.n_slices}-slice axial CT series, the one with the most "
+                       f"slices, over {len(others)} other(s) of the same study "
+                       f"({', '.join(f'{n} slices' for n in others)})")
     return best, skipped
+
+
+def check_one_study(candidates: list[Series], folder: Path) -> None:
+    """Refuse a folder whose CT series come from more than one patient or study."""
+    for what, key in (("patients", "patient_key"), ("studies", "study_key")):
+        groups: dict[str, list[int]] = {}
+        for s in candidates:
+            groups.setdefault(getattr(s.first, key), []).append(s.n_slices)
+        if len(groups) > 1:
+            listing = " | ".join(", ".join(f"{n} slices" for n in sorted(counts, reverse=True))
+                                 for counts in groups.values())
+            raise CovidctError(f"the folder holds CT series of {len(groups)} different {what} "
+                               f"({listing}): give one patient's study per folder", step=STEP,
+                               path=folder)
 
 
 def order_and_check(series: Series, *, min_slices: int, max_gap: float,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -167,6 +167,7 @@ def ingest(source: str | Path, out: str | Path, params: IngestParams = IngestPar
                 "rescale_intercept_added": ct.rescale_intercept_added,
                 "voxel_sha256": digest,
                 "header": ct.provenance,
+                "params": asdict(params),
             },
         }
         clock = Clock()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -325,7 +326,7 @@ def make_roi(ct_path, lung_path, out_path, params: RoiParams = RoiParams(), *,
     bbox, fallback, reason = core["bbox"], core["fallback"], core["reason"]
     spacing, origin = _roi_geometry(ct, bbox, size)
     attrs = {"kind": "lung_roi", "source_ct": ct_path.name, "source_mask": lung_path.name,
-             **core}
+             **core, "params": asdict(params)}
     for key in ("patient", "site"):
         for source in (ct.attrs, lung_img.attrs):
             if key in source:

@@ -24,6 +24,17 @@ STEP = "segment"
 METHODS = ("threshold", "fpn")
 
 
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file (a segmenter model: its identity in a trained system's plan)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def lung_mask(ct, spacing, *, method: Literal["threshold", "fpn"] = "threshold",
               params: ThresholdParams = ThresholdParams(),
               model: str | Path | None = None) -> tuple[np.ndarray, dict]:
@@ -52,6 +63,7 @@ def lung_mask(ct, spacing, *, method: Literal["threshold", "fpn"] = "threshold",
         voxel_ml = float(np.prod(spacing)) / 1000.0
         lung_ml = round(float(np.count_nonzero(mask) * voxel_ml), 1)
         return (mask > 0).astype(np.uint8), {"method": "fpn", "model": str(model),
+                                             "model_sha256": file_sha256(model),
                                              "lung_volume_ml": lung_ml}
     raise CovidctError(f"unknown segmentation method {method!r} ({'|'.join(METHODS)})",
                        step=STEP)
