@@ -127,6 +127,17 @@ def test_a_new_hospital_is_validated_with_the_trained_system_alone(first_hospita
     assert proc.returncode != 0
     assert "roi.size is [16, 64, 96] here, [8, 32, 48] in the plan" in proc.stdout + proc.stderr
 
+    # one more hospital later: only its patients' jobs (and the tables) run
+    _sheet(real_data, sheet, [("c1", "hospC", "cap001"), ("c2", "hospC", "P001"),
+                              ("d1", "hospD", "normal002")])
+    more = _config(workdir, "more.yaml", samples=str(sheet), system=str(system),
+                   sites={"hospC": {"role": "diagnosis"}, "hospD": {"role": "diagnosis"}},
+                   explain={"n_per_site": 1, "steps": 2})
+    jobs = _jobs(_snakemake(workdir, "-n", "--configfile", str(more),
+                            "--replace-workflow-config"))
+    assert jobs["ingest"] == 1 and jobs["roi"] == 1, jobs
+    assert jobs["predict_finetune_covid"] == 1 and jobs["evaluate_finetune_covid"] == 1, jobs
+
 
 def test_predict_with_the_system_gives_the_workflows_probability(first_hospitals, real_data):
     workdir, _ = first_hospitals
