@@ -17,6 +17,8 @@ include: "workflow/rules/preprocess.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/prognosis.smk"
+include: "workflow/rules/learning_curve.smk"
+include: "workflow/rules/flow.smk"
 
 
 rule all:

@@ -23,8 +23,11 @@ SNAKEMAKE = str(BIN / "snakemake")
 PROFILE = Path("workflow") / "profiles" / "slurm"
 
 # Rules that train or run the networks: one GPU each.
+# The learning curve's rules of config/paper.yaml (training.learning_curve: [0.25, 0.5]).
+CURVE_RULES = {f"{kind}_{base}_lc{pct}" for kind in ("train", "predict")
+               for base in ("finetune_covid", "random_init") for pct in (25, 50)}
 GPU_RULES = {"pretrain_egfr", "finetune_covid", "train_random_init", "train_lung_segmenter",
-             "predict_finetune_covid", "predict_random_init", "explain"}
+             "predict_finetune_covid", "predict_random_init", "explain"} | CURVE_RULES
 PREPROCESS_RULES = {"ingest", "segment", "roi"}
 SYNTH_RULES = {"synth_dicom", "synth_nifti"}
 
@@ -165,7 +168,7 @@ def test_dry_run_of_the_workflow_with_the_profile(repo, profile, tmp_path, metho
             assert threads == 1, rule
 
     # a set-resources entry that names no rule would be ignored silently: no typos
-    optional = {"train_lung_segmenter"} if method != "fpn" else set()
+    optional = ({"train_lung_segmenter"} if method != "fpn" else set()) | CURVE_RULES
     assert set(profile["set-resources"]) - rules == optional
     assert GPU_RULES - optional <= rules
 

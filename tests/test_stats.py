@@ -228,3 +228,196 @@ def test_hosmer_lemeshow_detects_miscalibration():
     y = (rng.random(400) < p).astype(int)
     p_bad = np.clip(p * 0.5 + 0.45, 0, 1)                   # squeezed towards 0.7: miscalibrated
     assert stats.hosmer_lemeshow(y, p_bad)["p"] < 1e-6
+
+
+# ----------------------------------------------------------------------------- Wilson interval
+# Newcombe RG (1998) Stat Med 17:857-872, Table I, method 3 (score interval without continuity
+# correction), its worked examples, to the 4 decimals printed there.
+NEWCOMBE_TABLE_I = [(81, 263, 0.2553, 0.3662), (15, 148, 0.0624, 0.1605),
+                    (0, 20, 0.0, 0.1611), (1, 29, 0.0061, 0.1718)]
+
+
+@pytest.mark.parametrize("successes, trials, low, high", NEWCOMBE_TABLE_I)
+def test_wilson_interval_reproduces_newcombe_1998_table_1(successes, trials, low, high):
+    lo, hi = stats.wilson_interval(successes, trials)
+    assert round(lo, 4) == low and round(hi, 4) == high
+
+
+def test_wilson_interval_edges_and_the_confusion_rates():
+    assert stats.wilson_interval(0, 0) is None
+    lo, hi = stats.wilson_interval(20, 20)
+    assert hi == 1.0 and lo == pytest.approx(1 - 0.1611, abs=5e-5)   # mirror of 0/20
+    assert [stats.wilson_interval(0, n)[0] for n in (3, 7, 11)] == [0.0] * 3   # exactly 0
+    with pytest.raises(ValueError):
+        stats.wilson_interval(5, 4)
+    # every rate with its numerator and denominator out of the confusion matrix, by name
+    confusion = {"tp": 81, "fn": 182, "tn": 133, "fp": 15}
+    ci = stats.rate_intervals(confusion)
+    assert ci["sensitivity"] == pytest.approx(list(stats.wilson_interval(81, 263)))
+    assert ci["specificity"] == pytest.approx(list(stats.wilson_interval(133, 148)))
+    assert ci["ppv"] == pytest.approx(list(stats.wilson_interval(81, 96)))
+    assert ci["npv"] == pytest.approx(list(stats.wilson_interval(133, 315)))
+    assert ci["accuracy"] == pytest.approx(list(stats.wilson_interval(214, 411)))
+    assert [round(v, 4) for v in ci["sensitivity"]] == [0.2553, 0.3662]
+    none_called = stats.rate_intervals({"tp": 0, "fp": 0, "fn": 3, "tn": 4})
+    assert none_called["ppv"] is None and none_called["npv"] is not None
+
+
+# ----------------------------------------------------------------------------- Brier, recalibration
+def newton_intercept_with_offset(y, offset, iterations=50):
+    """The maximum-likelihood intercept of logit P(y=1) = a + offset, by scalar Newton-Raphson:
+    a <- a + sum(y - mu) / sum(mu (1 - mu))."""
+    a = 0.0
+    for _ in range(iterations):
+        mu = 1.0 / (1.0 + np.exp(-(a + offset)))
+        a += float(np.sum(y - mu) / np.sum(mu * (1.0 - mu)))
+    return a
+
+
+def simulated(n, seed, scale=1.0, shift=0.0):
+    """Outcomes drawn from true risks expit(eta); the model predicts expit(scale*eta + shift)."""
+    rng = np.random.default_rng(seed)
+    eta = rng.normal(0.0, 1.5, n)
+    y = (rng.random(n) < 1.0 / (1.0 + np.exp(-eta))).astype(int)
+    return y, 1.0 / (1.0 + np.exp(-(scale * eta + shift)))
+
+
+def test_brier_score_matches_sklearn():
+    from sklearn.metrics import brier_score_loss
+
+    y, p = simulated(300, 1)
+    assert stats.brier_score(y, p) == pytest.approx(brier_score_loss(y, p), abs=1e-15)
+    assert stats.brier_score([1, 0], [1.0, 0.0]) == 0.0
+    assert stats.brier_score([1, 0, 1, 0], [0.5] * 4) == 0.25
+    assert stats.brier_score([], []) is None
+
+
+def test_calibration_slope_matches_unpenalised_sklearn():
+    from sklearn.linear_model import LogisticRegression
+
+    y, p = simulated(500, 2, scale=1.4, shift=0.3)
+    x = np.log(p / (1 - p))
+    sk = LogisticRegression(C=np.inf, tol=1e-12, max_iter=10_000).fit(x[:, None], y)
+    assert stats.calibration_slope(y, p) == pytest.approx(float(sk.coef_[0, 0]), abs=1e-5)
+
+
+def test_calibration_intercept_matches_newton_and_the_score_equation():
+    from scipy.optimize import brentq
+
+    y, p = simulated(500, 3, shift=-0.7)
+    offset = np.log(p / (1 - p))
+    newton = newton_intercept_with_offset(y, offset)
+    # the MLE solves the score equation sum(y - expit(a + offset)) = 0 (a root finder)
+    root = brentq(lambda a: np.sum(y - 1 / (1 + np.exp(-(a + offset)))), -10, 10, xtol=1e-14)
+    got = stats.calibration_intercept(y, p)
+    assert got == pytest.approx(newton, abs=1e-9) and got == pytest.approx(root, abs=1e-9)
+
+
+def test_recalibration_recovers_known_truth_on_simulated_data():
+    n = 40_000
+    y, p = simulated(n, 4)                                   # perfectly calibrated
+    assert stats.calibration_slope(y, p) == pytest.approx(1.0, abs=0.04)
+    assert stats.calibration_intercept(y, p) == pytest.approx(0.0, abs=0.04)
+    y, p = simulated(n, 5, scale=2.0)                        # logits doubled: too extreme
+    assert stats.calibration_slope(y, p) == pytest.approx(0.5, abs=0.02)
+    assert stats.calibration_intercept(y, p) == pytest.approx(0.0, abs=0.04)
+    y, p = simulated(n, 6, shift=-1.0)                       # risks too low by 1 logit
+    assert stats.calibration_intercept(y, p) == pytest.approx(1.0, abs=0.05)
+    assert stats.calibration_slope(y, p) == pytest.approx(1.0, abs=0.04)
+
+
+def test_recalibration_undefined_without_two_overlapping_classes():
+    assert stats.calibration_slope([1, 1, 1], [0.2, 0.5, 0.9]) is None
+    assert stats.calibration_intercept([1, 1, 1], [0.2, 0.5, 0.9]) is None
+    assert stats.calibration_intercept([], []) is None
+    # perfectly separated: the slope is infinite, the intercept (slope fixed at 1) still exists
+    y, p = [0, 0, 1, 1], [0.1, 0.3, 0.6, 0.9]
+    assert stats.calibration_slope(y, p) is None
+    assert stats.calibration_intercept(y, p) == pytest.approx(
+        newton_intercept_with_offset(np.array(y), np.log(np.array(p) / (1 - np.array(p)))))
+    # probabilities of exactly 0 and 1 are clipped, never an infinite logit
+    y, p = [0, 1, 0, 1, 1, 0], [0.0, 1.0, 0.4, 0.3, 0.8, 0.6]
+    assert math.isfinite(stats.calibration_slope(y, p))
+    assert math.isfinite(stats.calibration_intercept(y, p))
+
+
+# ----------------------------------------------------------------------------- decision curve
+def test_net_benefit_hand_worked():
+    # 10 patients, 4 with COVID-19 (prevalence 0.4)
+    y = [1, 1, 1, 1, 0, 0, 0, 0, 0, 0]
+    p = [0.9, 0.8, 0.6, 0.3, 0.7, 0.4, 0.2, 0.1, 0.1, 0.05]
+    # pt = 0.5, odds 1: treated p >= 0.5 -> 0.9, 0.8, 0.6 (TP 3) and 0.7 (FP 1)
+    #   model 3/10 - 1/10 * 1 = 0.2; treat all 4/10 - 6/10 * 1 = -0.2
+    nb = stats.net_benefit(y, p, 0.5)
+    assert nb["model"] == pytest.approx(0.2) and nb["treat_all"] == pytest.approx(-0.2)
+    assert nb["treat_none"] == 0.0
+    # pt = 0.25, odds 1/3: treated -> 0.9, 0.8, 0.6, 0.3 (TP 4) and 0.7, 0.4 (FP 2)
+    #   model 4/10 - 2/10 / 3 = 0.33333; treat all 4/10 - 6/10 / 3 = 0.2
+    nb = stats.net_benefit(y, p, 0.25)
+    assert nb["model"] == pytest.approx(1 / 3) and nb["treat_all"] == pytest.approx(0.2)
+    # pt = 0.8, odds 4: treated -> 0.9, 0.8 (TP 2, FP 0): model 0.2; treat all 0.4 - 2.4 = -2.0
+    nb = stats.net_benefit(y, p, 0.8)
+    assert nb["model"] == pytest.approx(0.2) and nb["treat_all"] == pytest.approx(-2.0)
+
+    curve = stats.decision_curve(y, p, thresholds=(0.25, 0.5, 0.8))
+    assert curve["thresholds"] == [0.25, 0.5, 0.8]
+    assert curve["model"] == pytest.approx([1 / 3, 0.2, 0.2])
+    assert curve["treat_all"] == pytest.approx([0.2, -0.2, -2.0])
+    assert curve["treat_none"] == [0.0, 0.0, 0.0]
+    full = stats.decision_curve(y, p)
+    assert full["thresholds"][0] == 0.01 and full["thresholds"][-1] == 0.99
+    assert len(full["thresholds"]) == 99
+    # one class only is no error: no COVID-19, treating anybody only costs
+    assert stats.net_benefit([0, 0], [0.9, 0.1], 0.5)["model"] == pytest.approx(-0.5)
+    assert stats.net_benefit([], [], 0.5)["model"] is None
+    with pytest.raises(ValueError):
+        stats.net_benefit(y, p, 1.0)
+
+
+# ----------------------------------------------------------------------------- meta-analysis
+# BCG vaccine trials (Colditz et al. 1994, JAMA 271:698; metafor's dat.bcg): TB cases and
+# non-cases, vaccinated (tpos, tneg) and not (cpos, cneg). metafor's rma(measure = "RR",
+# method = "DL") on them reports Q(df = 12) = 152.2330, I^2 = 92.12%, tau^2 = 0.3088 and the
+# pooled log risk ratio -0.7141 (SE 0.1787).
+BCG = [(4, 119, 11, 128), (6, 300, 29, 274), (3, 228, 11, 209), (62, 13536, 248, 12619),
+       (33, 5036, 47, 5761), (180, 1361, 372, 1079), (8, 2537, 10, 619),
+       (505, 87886, 499, 87892), (29, 7470, 45, 7232), (17, 1699, 65, 1600),
+       (186, 50448, 141, 27197), (5, 2493, 3, 2338), (27, 16886, 29, 17825)]
+
+
+def bcg_log_risk_ratios():
+    a, b, c, d = (np.array(col, dtype=float) for col in zip(*BCG))
+    yi = np.log((a / (a + b)) / (c / (c + d)))
+    vi = 1 / a - 1 / (a + b) + 1 / c - 1 / (c + d)
+    return yi, vi
+
+
+def test_meta_analysis_reproduces_metafor_bcg():
+    yi, vi = bcg_log_risk_ratios()
+    meta = stats.inverse_variance_meta(yi, vi)
+    assert meta["k"] == 13 and meta["df"] == 12
+    assert meta["q"] == pytest.approx(152.2330, abs=5e-5)
+    assert round(100 * meta["i_squared"], 2) == 92.12
+    assert round(meta["tau_squared"], 4) == 0.3088
+    assert round(meta["random"]["estimate"], 4) == -0.7141
+    assert round(meta["random"]["se"], 4) == 0.1787
+    assert meta["q_p"] < 1e-20
+    assert sum(meta["random"]["weights"]) == pytest.approx(1.0)
+
+
+def test_meta_analysis_homogeneous_single_and_empty():
+    # identical estimates: Q = 0, I^2 = 0, tau^2 = 0, random = fixed = the plain weighted mean
+    meta = stats.inverse_variance_meta([0.8, 0.8, 0.8], [0.01, 0.02, 0.04])
+    assert meta["q"] == 0.0 and meta["i_squared"] == 0.0 and meta["tau_squared"] == 0.0
+    assert meta["random"]["estimate"] == pytest.approx(0.8)
+    # Q below its df: I^2 and tau^2 floored at 0; the fixed estimate is sum(w y) / sum(w)
+    meta = stats.inverse_variance_meta([0.80, 0.82], [0.01, 0.01])
+    assert meta["q"] == pytest.approx(0.02 ** 2 / 0.02) and meta["i_squared"] == 0.0
+    assert meta["fixed"]["estimate"] == pytest.approx(0.81)
+    assert meta["fixed"]["se"] == pytest.approx(math.sqrt(0.005))
+    one = stats.inverse_variance_meta([0.7], [0.01])
+    assert one["random"]["estimate"] == 0.7 and one["i_squared"] is None and one["q"] is None
+    none = stats.inverse_variance_meta([], [])
+    assert none["k"] == 0 and none["random"]["estimate"] is None
+    with pytest.raises(ValueError):
+        stats.inverse_variance_meta([0.7, 0.9], [0.0, 0.01])

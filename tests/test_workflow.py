@@ -214,6 +214,66 @@ def test_mlflow_has_the_gather_and_per_site_runs_only(tiny_run):
     assert client.get_registered_model("covidct-finetune_covid").name
 
 
+def _by_tags(run: dict) -> dict[str, str]:
+    return {t["key"]: t["value"] for t in run["data"].get("tags", [])}
+
+
+def test_one_invocation_reads_as_one_study_in_mlflow(tiny_run, tmp_path):
+    """Through a real `mlflow server`'s REST API and in the UI as chromium renders it."""
+    from servers import get, mlflow_server, post, rendered
+
+    workdir, _, _ = tiny_run
+    results = workdir / "results"
+    with mlflow_server(f"sqlite:///{results / 'mlflow.db'}", results / "mlartifacts",
+                       tmp_path) as base:
+        experiment = get(base, "/api/2.0/mlflow/experiments/get-by-name",
+                         experiment_name="covidct")["experiment"]
+        runs = post(base, "/api/2.0/mlflow/runs/search",
+                    {"experiment_ids": [experiment["experiment_id"]],
+                     "max_results": 500})["runs"]
+        tags = {r["info"]["run_id"]: _by_tags(r) for r in runs}
+        parents = [r for r in runs if tags[r["info"]["run_id"]]["covidct.rule"] == "workflow"]
+        assert len(parents) == 1, [r["info"]["run_name"] for r in parents]
+        parent = parents[0]["info"]["run_id"]
+        children = {r["info"]["run_name"]: r for r in runs
+                    if tags[r["info"]["run_id"]].get("mlflow.parentRunId") == parent}
+        assert len(children) == len(runs) - 1, sorted(children)
+        assert {"pretrain_egfr", "finetune_covid", "random_init", "explain",
+                "evaluate diagsite finetune_covid", "prognosis-progsite"} <= set(children)
+        # one tag vocabulary, one config hash: the effective config's
+        for run_tags in tags.values():
+            assert all(k.startswith(("covidct.", "mlflow.")) for k in run_tags), run_tags
+        assert len({t["covidct.config_hash"] for t in tags.values()}) == 1
+        logged = [a["path"] for a in get(base, "/api/2.0/mlflow/artifacts/list",
+                                         run_id=parent)["files"]]
+        assert "config.yaml" in logged
+
+        finetune = json.loads((results / "models" / "finetune_covid" / "run.json").read_text())
+        inputs = children["finetune_covid"]["inputs"]["dataset_inputs"]
+        assert {i["dataset"]["name"] for i in inputs} == {"trainsite sheet"}
+        version = get(base, "/api/2.0/mlflow/registered-models/alias",
+                      name="covidct-finetune_covid", alias="candidate")["model_version"]
+        assert int(version["version"]) == finetune["version"]
+        assert version["source"] == f"models:/{finetune['model_id']}"     # the logged model
+        evaluation = get(base, "/api/2.0/mlflow/runs/get", run_id=children[
+            "evaluate diagsite finetune_covid"]["info"]["run_id"])["run"]
+        linked = [m["model_id"] for m in evaluation["inputs"].get("model_inputs", [])]
+        assert linked == [finetune["model_id"]]
+        assert {i["dataset"]["name"] for i in evaluation["inputs"]["dataset_inputs"]} == \
+            {"diagsite sheet"}
+        assert _by_tags(evaluation)["covidct.model_version"] == \
+            f"covidct-finetune_covid/{finetune['version']}"
+
+        # the UI opens on the runs: one study row (its children fold under it)
+        page = _visible_text(rendered(f"{base}/#/experiments/{experiment['experiment_id']}"
+                                      "?workflowType=machine_learning", tmp_path))
+        assert parents[0]["info"]["run_name"] in page and f"{len(runs)} matching runs" in page
+        # an evaluation run's page: its name, its metrics linked to the model
+        page = _visible_text(rendered(f"{base}/#/experiments/{experiment['experiment_id']}"
+                                      f"/runs/{evaluation['info']['run_id']}", tmp_path))
+        assert "evaluate diagsite finetune_covid" in page and "calibration_slope" in page
+
+
 def test_report_gathers_tables_and_figures(tiny_run):
     workdir, config, _ = tiny_run
     _snakemake(workdir, "--configfile", str(config), "--report", "report.zip", timeout=600)
@@ -224,3 +284,23 @@ def test_report_gathers_tables_and_figures(tiny_run):
     assert any(n.endswith("table2.md") for n in names), names[:20]
     assert any(n.endswith("km.png") for n in names)
     assert any(n.endswith("roc.png") for n in names)
+    assert any(n.endswith("flow.md") for n in names) and any(n.endswith("table1.md")
+                                                             for n in names)
+
+
+def _visible_text(dom: str) -> str:
+    """What a person sees of a rendered page: the DOM without scripts, styles and tags."""
+    dom = re.sub(r"<(script|style)\b.*?</\1>", " ", dom, flags=re.S)
+    return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", dom))
+
+
+def test_report_renders_in_a_browser_with_its_sections(tiny_run, tmp_path):
+    from servers import rendered
+
+    workdir, config, _ = tiny_run
+    _snakemake(workdir, "--configfile", str(config), "--report", "report.html", timeout=600)
+    text = _visible_text(rendered((workdir / "report.html").as_uri(), tmp_path))
+    for section in ("Workflow", "Statistics", "Results", "Cohort", "Diagnosis", "Prognosis",
+                    "Tables", "Training"):
+        assert section in text, (section, text[:2000])
+    assert "after Wang et al. 2020" in text

@@ -38,8 +38,12 @@ STAGES: dict[str, tuple[str, str]] = {
                                                "patient of a site"),
     "evaluate": ("covidct.analysis.evaluate", "diagnostic metrics, ROC and calibration for one "
                                               "site"),
+    "flow": ("covidct.analysis.flow", "patient flow per site (sheet to ROI, training use, "
+                                      "follow-up) and Table 1"),
     "tables": ("covidct.analysis.tables", "Table 2, Table S2 and combined figures from the "
                                           "per-site metrics"),
+    "learning-curve": ("covidct.analysis.learning_curve", "pretrained vs random init at "
+                                                          "several training-set sizes"),
     "prognosis": ("covidct.analysis.prognosis", "Cox model, risk groups and Kaplan-Meier per "
                                                 "site"),
     "explain": ("covidct.explain.stage", "saliency maps, filter patterns and feature PCA"),

@@ -126,6 +126,9 @@ class TrainParams:
     val_fraction: float = option(
         0.2, "share of patients per class in the internal validation split (0 = none: the "
              "last epoch is kept)")
+    train_fraction: float = option(
+        1.0, "share of the training split used, per class (the validation split unchanged): "
+             "the learning curve's smaller training sets")
     select: Literal["val_auc", "val_loss"] = option(
         "val_auc", "checkpoint selection on the internal split")
     seed: int = option(0, "seed of the split, shuffling, weights and augmentation")
@@ -152,6 +155,9 @@ class TrainParams:
         if not 0.0 <= self.val_fraction < 1.0:
             raise CovidctError(f"the validation fraction must be in [0, 1), got "
                                f"{self.val_fraction}")
+        if not 0.0 < self.train_fraction <= 1.0:
+            raise CovidctError(f"the training fraction must be in (0, 1], got "
+                               f"{self.train_fraction}")
 
     def negative_weight(self, task: str) -> float:
         """The weight of the negative class for ``task``."""
@@ -203,10 +209,15 @@ class EvaluationParams:
     calibration_strategy: Literal["quantile", "uniform"] = option(
         "quantile", "equal-count (quantile) or equal-width bins")
     hl_groups: int = option(10, "Hosmer-Lemeshow groups g (df = g - 2)")
+    age_bands: tuple[int, ...] = option(
+        (50, 65), "cut points (years) of the age-band subgroups, lower <= age < upper: 50 65 "
+                  "gives <50, 50-64, >=65 (none: no age subgroups)", metavar="AGE")
 
     def __post_init__(self):
         if not 0.0 <= self.threshold <= 1.0:
             raise CovidctError(f"threshold {self.threshold} is not a probability in [0, 1]")
+        if any(b <= a for a, b in zip(self.age_bands, self.age_bands[1:])):
+            raise CovidctError(f"age bands {list(self.age_bands)} are not increasing")
 
 
 @dataclass(frozen=True)
@@ -338,13 +349,14 @@ def from_config(cls, section: Mapping[str, Any] | None, **overrides):
 def as_options(params, *, exclude: tuple[str, ...] = ()) -> str:
     """The command-line options that give ``params`` (every field, quoted for a shell)."""
     words: list[str] = []
+    defaults = {f.name: f.default for f in fields(params)}
     for name, value in asdict(params).items():
         if name in exclude or value is None:
             continue
         if isinstance(value, bool):
             words.append(_flag(name) if value else "--no-" + name.replace("_", "-"))
         elif isinstance(value, (tuple, list)):
-            if value:
+            if value or defaults.get(name):              # a bare flag empties a default list
                 words += [_flag(name), *map(str, value)]
         else:
             words += [_flag(name), str(value)]

@@ -3,8 +3,10 @@
 import copy
 import hashlib
 import json
+import os
 import shlex
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pandas as pd
@@ -14,9 +16,9 @@ from snakemake.utils import validate
 from covidct import params as P
 from covidct.errors import CovidctError
 from covidct.io.sheet import check_sheet, missing_images, read_sheet, sites_with_role
+from covidct.io.tracking import CONFIG_HASH_ENV, PARENT_RUN_ENV, config_hash
 from covidct.roles import plan_workflow
 
-CONFIG_FILE = str(Path(workflow.configfiles[-1]).resolve()) if workflow.configfiles else ""
 CONFIG_FILES = ", ".join(map(str, workflow.configfiles)) or None
 CONFIG_SCHEMA = Path(workflow.current_basedir).parent / "schemas" / "config.schema.yaml"
 
@@ -45,12 +47,11 @@ validate(config, str(CONFIG_SCHEMA))
 # Rules call `covidct`. Appending the bin folder of the Python running Snakemake (e.g. .venv/bin)
 # finds it even when the user did not activate the environment; appended, not prepended, so that
 # a rule's conda environment (--use-conda) still comes first.
-# COVIDCT_CONFIG names the config file whose hash tags the MLflow runs; it is no rule parameter,
-# so editing the config (e.g. adding a site) reruns only what the change touches.
-shell.prefix(
-    f'export PATH="$PATH:{Path(sys.executable).parent}" TF_CPP_MIN_LOG_LEVEL=2'
-    f" COVIDCT_CONFIG={shlex.quote(CONFIG_FILE)}; "
-)
+shell.prefix(f'export PATH="$PATH:{Path(sys.executable).parent}" TF_CPP_MIN_LOG_LEVEL=2; ')
+# The hash of the effective config (the files merged, the schema's defaults filled) tags every
+# MLflow run. It reaches the jobs through the environment, not as a rule parameter, so editing
+# the config (e.g. adding a site) reruns only what the change touches.
+os.environ[CONFIG_HASH_ENV] = config_hash(config)
 
 SITES = config["sites"]
 SYNTHETIC = not config.get("samples")
@@ -66,6 +67,60 @@ def stage_options(cls, section, exclude=()):
 
 
 TRACKING = P.as_options(TRACKING_PARAMS)
+
+
+def start_study_run():
+    """One MLflow parent run per invocation: every job's run becomes its child."""
+    if not TRACKING_PARAMS.enabled or os.environ.get(PARENT_RUN_ENV):
+        return
+    from covidct.io.tracking import start_workflow_run
+
+    started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    run_id = start_workflow_run(
+        TRACKING_PARAMS,
+        config,
+        run_name=f"workflow {started}",
+        tags={"covidct.sites": ",".join(sorted(SITES))},
+    )
+    os.environ[PARENT_RUN_ENV] = run_id
+    logger.info(f"covidct: MLflow run {run_id} holds this invocation's runs")
+
+
+def end_study_run(ok):
+    run_id = os.environ.get(PARENT_RUN_ENV)
+    if TRACKING_PARAMS.enabled and run_id:
+        from covidct.io.tracking import end_workflow_run
+
+        end_workflow_run(TRACKING_PARAMS, run_id, ok)
+
+
+onstart:
+    start_study_run()
+
+
+onsuccess:
+    end_study_run(True)
+
+
+def flow_after_failure():
+    """Which patients failed at which step, and why (after e.g. a --keep-going run)."""
+    from covidct.analysis.flow import write_flow
+
+    try:
+        flow = write_flow(samples, Path(RESULTS) / "patients", Path("logs"), Path("logs/flow"))
+    except Exception as err:  # never mask the run's own error
+        logger.warning(f"covidct: no patient flow written ({type(err).__name__}: {err})")
+        return
+    failed = int(flow.iloc[-1]["failed"])
+    logger.warning(
+        f"covidct: {failed} patient(s) failed in preprocessing; the flow and each failure's "
+        "reason: logs/flow/flow.md, logs/flow/flow_failures.tsv"
+    )
+
+
+onerror:
+    end_study_run(False)
+    flow_after_failure()
 
 
 def _load_samples():
@@ -337,11 +392,16 @@ def segmenter_weights_flag(wildcards):
 # ---- training, evaluation, prognosis -------------------------------------------------------
 
 
-def train_options(name, rule, sites, task):
-    """The options of one training rule: the training section, its epochs, its tags."""
+def train_options(name, rule, sites, task, epochs_of=None, **changes):
+    """The options of one training rule: the training section, its epochs (those of
+    ``epochs_of``, default ``name``), its tags; ``changes`` override training parameters."""
     class_weight = TRAINING.get("class_weight") if task == "covid" else None
     params = P.from_config(
-        P.TrainParams, TRAINING, epochs=TRAINING["epochs"][name], class_weight=class_weight
+        P.TrainParams,
+        TRAINING,
+        epochs=TRAINING["epochs"][epochs_of or name],
+        class_weight=class_weight,
+        **changes,
     )
     tags = f"--tag covidct.rule={rule} --tag covidct.sites={','.join(sites)}"
     synthetic = " --synthetic" if SYNTHETIC else ""
@@ -376,6 +436,50 @@ def finetune_init_flag(wildcards, input):
 EVAL_DIRS = {"finetune_covid": "eval/{site}"}
 if PLAN.ablation:
     EVAL_DIRS["random_init"] = "eval/{site}/random_init"
+
+# The learning curve: both fine-tunings again on fractions of the training split, compared on
+# the internal validation split (the same patients at every fraction) and the external sites.
+LEARNING_CURVE = sorted(TRAINING["learning_curve"]) if PLAN.ablation else []
+CURVE_SITES = [s for s in EVAL_SITES if s not in TRAIN_SITES]
+if TRAINING["learning_curve"] and not PLAN.ablation and workflow.is_main_process:
+    logger.info(
+        "covidct: learning curve (training.learning_curve): not produced, it needs a "
+        "pretrained model to compare with random init (a pretrain site or training.init)"
+    )
+
+
+def curve_model(base, fraction):
+    """The learning curve's model of ``base`` (finetune_covid or random_init) at ``fraction``."""
+    return f"{base}_lc{round(100 * fraction)}"
+
+
+def curve_points(wildcards):
+    """``--point NAME FRACTION PRETRAINED RANDOM_INIT`` for every validation set and fraction."""
+    points = []
+    for fraction in [*LEARNING_CURVE, 1.0]:
+        pre, rnd = (
+            (b if fraction == 1.0 else curve_model(b, fraction))
+            for b in ("finetune_covid", "random_init")
+        )
+        points.append(
+            (
+                "internal validation",
+                fraction,
+                f"{MODELS}/{pre}/val_predictions.csv",
+                f"{MODELS}/{rnd}/val_predictions.csv",
+            )
+        )
+        for site in CURVE_SITES:
+            points.append(
+                (site, fraction, curve_prediction(pre, site), curve_prediction(rnd, site))
+            )
+    return points
+
+
+def curve_prediction(model, site):
+    if model in EVAL_DIRS:
+        return eval_file(model, "predictions.csv", site)
+    return f"{RESULTS}/learning_curve/{model}/{site}/predictions.csv"
 
 
 def model_file(model):
@@ -435,9 +539,18 @@ def tables_outputs():
     return outputs
 
 
+def flow_model_runs():
+    """The run.json of the models trained here, for the flow's training and validation use."""
+    runs = [f"{MODELS}/pretrain_egfr/run.json"] if PLAN.pretrain else []
+    return runs + ([f"{MODELS}/finetune_covid/run.json"] if PLAN.finetune else [])
+
+
 def final_outputs():
     outputs = [f"{patient_dir(r)}/roi.zarr" for r in samples.itertuples()]
+    if LEARNING_CURVE:
+        outputs += [f"{RESULTS}/tables/learning_curve.md"]
     outputs += [f"{RESULTS}/tables/qc_summary.tsv"]
+    outputs += [f"{RESULTS}/tables/flow.md", f"{RESULTS}/tables/table1.md"]
     if PLAN.pretrain:
         outputs += [f"{MODELS}/pretrain_egfr/run.json"]
     if PLAN.finetune:

@@ -31,6 +31,7 @@ for _model in EVAL_DIRS:
         input:
             predictions=eval_file(_model, "predictions.csv"),
             train=[eval_file(_model, "predictions.csv", s) for s in TRAIN_SITES],
+            sheet=lambda wc: site_sheet(wc.site),
         output:
             metrics=eval_file(_model, "metrics.json"),
             roc=report(
@@ -47,6 +48,13 @@ for _model in EVAL_DIRS:
                 subcategory=_model,
                 labels={"site": "{site}", "figure": "calibration"},
             ),
+            decision=report(
+                eval_file(_model, "decision.png"),
+                caption="../report/decision.rst",
+                category="Diagnosis",
+                subcategory=_model,
+                labels={"site": "{site}", "figure": "decision curve"},
+            ),
         log:
             f"logs/evaluate/{_model}/{{site}}.log",
         conda:
@@ -58,11 +66,14 @@ for _model in EVAL_DIRS:
             youden=youden_flag,
             role=lambda wc: site_role(wc.site),
             model_name=_model,
+            model_dir=Path(model_file(_model)).parent,
             tracking=TRACKING,
         shell:
             "covidct evaluate {input.predictions} {params.outdir} {params.options}"
-            " {params.youden} {params.subgroups} --site {wildcards.site} --role {params.role}"
-            " --model-name {params.model_name} {params.tracking} > {log} 2>&1"
+            " {params.youden} {params.subgroups} --sheet {input.sheet}"
+            " --site {wildcards.site} --role {params.role}"
+            " --model-name {params.model_name} --model-dir {params.model_dir}"
+            " {params.tracking} > {log} 2>&1"
 
 
 if PLAN.model:
@@ -78,15 +89,34 @@ if PLAN.model:
             predictions=[eval_file("finetune_covid", "predictions.csv", s) for s in EVAL_SITES],
         output:
             **tables_outputs(),
+            forest=report(
+                f"{RESULTS}/tables/figure_forest_auc.png",
+                caption="../report/forest.rst",
+                category="Diagnosis",
+            ),
+            heterogeneity=report(
+                f"{RESULTS}/tables/table_heterogeneity.md",
+                caption="../report/forest.rst",
+                category="Tables",
+            ),
+            heterogeneity_csv=f"{RESULTS}/tables/table_heterogeneity.csv",
+            subgroups=report(
+                f"{RESULTS}/tables/table_subgroups.md",
+                caption="../report/subgroups.rst",
+                category="Tables",
+            ),
+            subgroups_csv=f"{RESULTS}/tables/table_subgroups.csv",
         log:
             "logs/tables.log",
         conda:
             "../../envs/stats.yaml"
         params:
             out_dir=lambda wc, output: Path(output.table2).parent,
+            options=stage_options(P.EvaluationParams, config["evaluation"]),
             ablation=lambda wc, input: (
                 f"--ablation {' '.join(input.ablation)}" if input.ablation else ""
             ),
+            tracking=TRACKING,
         shell:
             "covidct tables --metrics {input.metrics} {params.ablation}"
-            " --out-dir {params.out_dir} > {log} 2>&1"
+            " --out-dir {params.out_dir} {params.options} {params.tracking} > {log} 2>&1"

@@ -1,4 +1,5 @@
-"""The figures of the evaluation and the prognosis: ROC, calibration, Kaplan-Meier."""
+"""The figures of the evaluation and the prognosis: ROC, calibration, decision curve, the forest
+plot of AUC across sites, Kaplan-Meier."""
 
 from __future__ import annotations
 
@@ -91,6 +92,82 @@ def calibration_figure(curves: Sequence[Mapping[str, Any]], path: str | Path,
     ax.set_aspect("equal")
     ax.legend(loc="upper left", fontsize=8)
     return _save(fig, path)
+
+
+def decision_curve_figure(curves: Sequence[Mapping[str, Any]], path: str | Path,
+                          title: str = "Decision curve", threshold: float | None = None) -> Path:
+    """Net benefit against the threshold probability: each curve (name, decision_curve) with its
+    treat-all line, and treat-none (0); a dotted line at the decision ``threshold``."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.0, 4.6))
+    ax.axhline(0.0, color="0.3", lw=1.2, label="treat none")
+    top = 0.05
+    for c in curves:
+        dc = c["decision_curve"]
+        pts = [(t, m, a) for t, m, a in zip(dc["thresholds"], dc["model"], dc["treat_all"])
+               if m is not None]
+        if not pts:
+            continue
+        t, model, treat_all = (np.array(v, dtype=float) for v in zip(*pts))
+        line, = ax.plot(t, model, lw=1.8, label=f"{c['name']}: model")
+        ax.plot(t, treat_all, lw=1.0, ls="--", color=line.get_color(),
+                label=f"{c['name']}: treat all")
+        top = max(top, float(np.max(model)), float(treat_all[0]))
+    if threshold is not None:
+        ax.axvline(threshold, color="0.6", lw=1, ls=":", label=f"threshold {threshold:.2f}")
+    ax.set(xlim=(0.0, 1.0), ylim=(-0.05, top + 0.05), xlabel="threshold probability",
+           ylabel="net benefit", title=title)
+    ax.legend(loc="upper right", fontsize=8)
+    return _save(fig, path)
+
+
+def forest_figure(rows: Sequence[Mapping[str, Any]], meta: Mapping[str, Any], path: str | Path,
+                  title: str = "AUC across sites") -> Path:
+    """Forest plot: one row per site (name, auc, ci, pooled: bool, note) and the fixed- and
+    random-effects pooled AUC of ``meta`` (stats.inverse_variance_meta) with Q, I^2 and tau^2."""
+    plt = _pyplot()
+    pooled_rows = [("fixed effect", meta.get("fixed") or {}),
+                   ("random effects (DerSimonian-Laird)", meta.get("random") or {})]
+    height = 1.6 + 0.38 * (len(rows) + len(pooled_rows))
+    fig, ax = plt.subplots(figsize=(7.2, height))
+    labels = []
+    y = 0
+    for row in rows:
+        labels.append(row["name"] + ("" if row.get("pooled") else " *"))
+        if row.get("auc") is not None:
+            lo, hi = row.get("ci") or (row["auc"], row["auc"])
+            colour = "tab:blue" if row.get("pooled") else "0.55"
+            ax.plot([lo, hi], [y, y], color=colour, lw=1.5)
+            ax.plot(row["auc"], y, "s", color=colour, ms=6)
+        ax.text(1.02, y, row.get("note") or "", va="center", fontsize=7,
+                transform=ax.get_yaxis_transform())
+        y += 1
+    for name, pooled in pooled_rows:
+        labels.append(f"pooled, {name}")
+        if pooled.get("estimate") is not None:
+            est, (lo, hi) = pooled["estimate"], pooled["ci"]
+            ax.fill([lo, est, hi, est], [y, y - 0.3, y, y + 0.3], color="tab:red", alpha=0.8)
+            ax.text(1.02, y, f"{est:.3f} ({lo:.3f}-{hi:.3f})", va="center", fontsize=7,
+                    transform=ax.get_yaxis_transform())
+        y += 1
+    ax.set_yticks(range(len(labels)), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.axvline(0.5, color="0.8", lw=1, ls=":")
+    lows = [r["ci"][0] for r in rows if r.get("ci")] + [
+        p["ci"][0] for _, p in pooled_rows if p.get("ci")]
+    ax.set(xlim=(max(0.0, min([0.5, *lows]) - 0.02), 1.01), xlabel="AUC (DeLong 95% CI)",
+           title=title)
+    ax.text(0.0, -0.9 / height, heterogeneity_text(meta) + "\n* not pooled (see its note)",
+            transform=ax.transAxes, fontsize=7.5, va="top")
+    return _save(fig, path)
+
+
+def heterogeneity_text(meta: Mapping[str, Any]) -> str:
+    """Cochran's Q (df, p), I^2 and tau^2 in one line, or why they are undefined."""
+    if meta.get("q") is None:
+        return f"heterogeneity undefined: {meta.get('k', 0)} site(s) pooled (needs 2)"
+    return (f"Cochran's Q = {meta['q']:.2f} on {meta['df']} df (p = {meta['q_p']:.3g}), "
+            f"I\u00b2 = {100 * meta['i_squared']:.1f}%, \u03c4\u00b2 = {meta['tau_squared']:.4g}")
 
 
 def km_figure(path: Path, site: str, fitters: dict, logrank: dict, direction: str,

@@ -14,6 +14,22 @@ References
 - Hosmer DW, Lemeshow S (1980). Goodness of fit tests for the multiple logistic regression model.
   Communications in Statistics 9:1043-1069. Groups are the deciles of risk, cut at the quantiles
   of the predicted probability (as R's ResourceSelection::hoslem.test), df = groups - 2.
+- Wilson EB (1927). Probable inference, the law of succession, and statistical inference. JASA
+  22:209-212; Newcombe RG (1998). Two-sided confidence intervals for the single proportion:
+  comparison of seven methods. Stat Med 17:857-872 (method 3, the score interval).
+- Brier GW (1950). Verification of forecasts expressed in terms of probability. Monthly Weather
+  Review 78:1-3.
+- Cox DR (1958). Two further applications of a model for binary regression. Biometrika 45:562-565;
+  Steyerberg EW (2019). Clinical Prediction Models, 2nd ed., ch. 15: the calibration slope is the
+  coefficient of logit(p) in a logistic regression of y on logit(p); the calibration intercept
+  (calibration-in-the-large) is the intercept of a logistic regression of y with logit(p) as an
+  offset (slope fixed at 1).
+- Vickers AJ, Elkin EB (2006). Decision curve analysis. Med Decis Making 26:565-574: net benefit
+  NB(pt) = TP/n - FP/n * pt/(1 - pt), against treating all (and none, NB = 0).
+- Cochran WG (1954). The combination of estimates from different experiments. Biometrics
+  10:101-129; Higgins JPT, Thompson SG (2002). Quantifying heterogeneity in a meta-analysis. Stat
+  Med 21:1539-1558 (I^2 = (Q - df) / Q, floored at 0); DerSimonian R, Laird N (1986).
+  Meta-analysis in clinical trials. Control Clin Trials 7:177-188 (tau^2 by moments).
 """
 
 from __future__ import annotations
@@ -24,10 +40,20 @@ import numpy as np
 from scipy import stats as _st
 
 __all__ = [
-    "midrank", "delong_covariance", "delong_roc_variance", "auc_ci_delong", "delong_roc_test",
+    "midrank", "delong_covariance", "delong_roc_variance", "auc_normal_ci", "auc_ci_delong",
+    "delong_roc_test",
     "auc_ci_bootstrap", "threshold_metrics", "youden_threshold", "calibration_curve",
-    "hosmer_lemeshow", "class_counts",
+    "hosmer_lemeshow", "class_counts", "wilson_interval", "rate_intervals", "brier_score",
+    "logit", "calibration_slope", "calibration_intercept", "net_benefit", "decision_curve",
+    "DECISION_THRESHOLDS", "inverse_variance_meta",
 ]
+
+CALIBRATION_CLIP = 1e-6
+"""Probabilities are clipped to [CALIBRATION_CLIP, 1 - CALIBRATION_CLIP] before the logit (a
+float32 sigmoid saturates at exactly 0 or 1), so logit(p) stays within about +/- 13.8."""
+
+DECISION_THRESHOLDS = tuple(round(0.01 * i, 2) for i in range(1, 100))
+"""Threshold probabilities of the decision curve: 0.01, 0.02, ..., 0.99."""
 
 
 def _as_arrays(y, p) -> tuple[np.ndarray, np.ndarray]:
@@ -91,6 +117,11 @@ def delong_roc_variance(y, p) -> tuple[float, float]:
 def _normal_ci(estimate: float, variance: float, level: float) -> tuple[float, float]:
     half = float(_st.norm.ppf(0.5 + level / 2.0)) * math.sqrt(max(variance, 0.0))
     return max(0.0, estimate - half), min(1.0, estimate + half)
+
+
+def auc_normal_ci(auc: float, variance: float, level: float = 0.95) -> tuple[float, float]:
+    """AUC +/- z * sqrt(variance), clipped to [0, 1] (the interval of auc_ci_delong)."""
+    return _normal_ci(auc, variance, level)
 
 
 def auc_ci_delong(y, p, level: float = 0.95) -> tuple[float | None, float | None, float | None]:
@@ -290,3 +321,187 @@ def hosmer_lemeshow(y, p, g: int = 10) -> dict:
         return {"statistic": None, "p": None, "df": df, "groups": groups, "table": table}
     return {"statistic": float(stat), "p": float(_st.chi2.sf(stat, df)), "df": df,
             "groups": groups, "table": table}
+
+
+
+# --------------------------------------------------------------------------- intervals of rates
+def _z(level: float) -> float:
+    return float(_st.norm.ppf(0.5 + level / 2.0))
+
+
+def wilson_interval(successes: int, trials: int, level: float = 0.95
+                    ) -> tuple[float, float] | None:
+    """Wilson's score interval (low, high) for ``successes`` out of ``trials``; None when
+    ``trials`` is 0. It stays inside [0, 1] and is never of zero width (Newcombe 1998)."""
+    if trials <= 0:
+        return None
+    if not 0 <= successes <= trials:
+        raise ValueError(f"{successes} successes out of {trials} trials")
+    z2 = _z(level) ** 2
+    centre = (successes + z2 / 2.0) / (trials + z2)
+    half = math.sqrt(z2) / (trials + z2) * math.sqrt(
+        successes * (trials - successes) / trials + z2 / 4.0)
+    low = 0.0 if successes == 0 else max(0.0, centre - half)     # exact at the ends: the
+    high = 1.0 if successes == trials else min(1.0, centre + half)  # rounding of centre - half
+    return low, high
+
+
+RATE_COUNTS = {
+    "accuracy": (("tp", "tn"), ("tp", "tn", "fp", "fn")),
+    "sensitivity": (("tp",), ("tp", "fn")),
+    "specificity": (("tn",), ("tn", "fp")),
+    "ppv": (("tp",), ("tp", "fp")),
+    "npv": (("tn",), ("tn", "fn")),
+}
+"""Each threshold rate as (confusion cells of its numerator, of its denominator)."""
+
+
+def rate_intervals(confusion: dict, level: float = 0.95) -> dict[str, list[float] | None]:
+    """The Wilson interval [low, high] of accuracy, sensitivity, specificity, PPV and NPV from a
+    confusion matrix {tn, fp, fn, tp}; None where the rate is undefined (a zero denominator)."""
+    out: dict[str, list[float] | None] = {}
+    for rate, (num, den) in RATE_COUNTS.items():
+        ci = wilson_interval(sum(confusion[k] for k in num), sum(confusion[k] for k in den),
+                             level)
+        out[rate] = None if ci is None else [ci[0], ci[1]]
+    return out
+
+
+# --------------------------------------------------------------------------- calibration
+def brier_score(y, p) -> float | None:
+    """Mean squared difference between the probability and the outcome; None with no patients."""
+    y, p = _as_arrays(y, p)
+    return float(np.mean((p - y) ** 2)) if y.size else None
+
+
+def logit(p, clip: float = CALIBRATION_CLIP) -> np.ndarray:
+    """log(p / (1 - p)) of ``p`` clipped to [clip, 1 - clip]."""
+    p = np.clip(np.asarray(p, dtype=float), clip, 1.0 - clip)
+    return np.log(p) - np.log1p(-p)
+
+
+def _log_likelihood(y: np.ndarray, eta: np.ndarray) -> float:
+    return float(np.sum(y * eta - np.logaddexp(0.0, eta)))
+
+
+def _logistic_mle(y: np.ndarray, design: np.ndarray, offset: np.ndarray,
+                  max_iter: int = 100, tol: float = 1e-10) -> np.ndarray | None:
+    """Unpenalised logistic regression by Newton-Raphson with step halving: the coefficients of
+    ``design`` (n, k) given an ``offset``; None if it does not converge."""
+    beta = np.zeros(design.shape[1])
+    ll = _log_likelihood(y, offset)
+    for _ in range(max_iter):
+        eta = offset + design @ beta
+        mu = 1.0 / (1.0 + np.exp(-eta))
+        hessian = design.T @ (design * (mu * (1.0 - mu))[:, None])
+        try:
+            step = np.linalg.solve(hessian, design.T @ (y - mu))
+        except np.linalg.LinAlgError:
+            return None
+        for _ in range(40):                              # halve until the likelihood rises
+            new_ll = _log_likelihood(y, offset + design @ (beta + step))
+            if new_ll >= ll - 1e-12:
+                break
+            step = step / 2.0
+        beta, ll = beta + step, new_ll
+        if np.max(np.abs(step)) < tol:
+            return beta
+    return None
+
+
+def calibration_slope(y, p, clip: float = CALIBRATION_CLIP) -> float | None:
+    """The coefficient of logit(p) in a logistic regression of y on logit(p) (with an
+    intercept): 1 when the predictions are well spread, < 1 when too extreme. None with one
+    class or when logit(p) separates the classes (the estimate is then infinite)."""
+    y, p = _as_arrays(y, p)
+    x = logit(p, clip)
+    pos = y == 1
+    if not pos.any() or pos.all():
+        return None
+    if x[pos].min() >= x[~pos].max() or x[pos].max() <= x[~pos].min():
+        return None                                      # (quasi-)complete separation
+    beta = _logistic_mle(y.astype(float), np.column_stack([np.ones_like(x), x]),
+                         np.zeros_like(x))
+    return None if beta is None else float(beta[1])
+
+
+def calibration_intercept(y, p, clip: float = CALIBRATION_CLIP) -> float | None:
+    """Calibration-in-the-large: the intercept of a logistic regression of y with logit(p) as an
+    offset (the slope fixed at 1); 0 when the mean risk is right, > 0 when the predictions are too
+    low. None with one class (the estimate is then infinite)."""
+    y, p = _as_arrays(y, p)
+    if y.size == 0 or y.min() == y.max():
+        return None
+    x = logit(p, clip)
+    beta = _logistic_mle(y.astype(float), np.ones((y.size, 1)), x)
+    return None if beta is None else float(beta[0])
+
+
+# --------------------------------------------------------------------------- decision curve
+def net_benefit(y, p, threshold: float) -> dict:
+    """Net benefit at threshold probability ``threshold`` of treating the patients with
+    p >= threshold, and of treating everybody: TP/n - FP/n * pt / (1 - pt)."""
+    y, p = _as_arrays(y, p)
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"threshold probability {threshold} is not in (0, 1)")
+    n = y.size
+    if n == 0:
+        return {"threshold": float(threshold), "model": None, "treat_all": None,
+                "treat_none": 0.0}
+    odds = threshold / (1.0 - threshold)
+    treated = p >= threshold
+    tp = int((treated & (y == 1)).sum())
+    fp = int((treated & (y == 0)).sum())
+    prevalence = float(y.mean())
+    return {"threshold": float(threshold), "model": tp / n - fp / n * odds,
+            "treat_all": prevalence - (1.0 - prevalence) * odds, "treat_none": 0.0}
+
+
+def decision_curve(y, p, thresholds=DECISION_THRESHOLDS) -> dict:
+    """Net benefit of the model, of treating all and of treating none over threshold
+    probabilities (lists in the order of ``thresholds``)."""
+    points = [net_benefit(y, p, t) for t in thresholds]
+    return {"thresholds": [pt["threshold"] for pt in points],
+            "model": [pt["model"] for pt in points],
+            "treat_all": [pt["treat_all"] for pt in points],
+            "treat_none": [pt["treat_none"] for pt in points]}
+
+
+# --------------------------------------------------------------------------- meta-analysis
+def _pooled(estimates: np.ndarray, weights: np.ndarray, level: float) -> dict:
+    estimate = float(np.sum(weights * estimates) / np.sum(weights))
+    se = float(1.0 / math.sqrt(np.sum(weights)))
+    half = _z(level) * se
+    return {"estimate": estimate, "se": se, "ci": [estimate - half, estimate + half],
+            "weights": (weights / weights.sum()).tolist()}
+
+
+def inverse_variance_meta(estimates, variances, level: float = 0.95) -> dict:
+    """Fixed-effect (inverse-variance) and DerSimonian-Laird random-effects pooling of k
+    estimates with their within-study variances, with Cochran's Q on k - 1 df, its p, I^2 and
+    tau^2. I^2 and tau^2 are None with fewer than 2 estimates; everything is None with none.
+    Variances must be positive."""
+    y = np.asarray(estimates, dtype=float).ravel()
+    v = np.asarray(variances, dtype=float).ravel()
+    if y.shape != v.shape:
+        raise ValueError(f"{y.size} estimates but {v.size} variances")
+    if not (np.isfinite(y).all() and np.isfinite(v).all() and (v > 0).all()):
+        raise ValueError("estimates must be finite and variances positive")
+    k = int(y.size)
+    empty = {"estimate": None, "se": None, "ci": None, "weights": []}
+    if k == 0:
+        return {"k": 0, "fixed": empty, "random": empty, "q": None, "df": None, "q_p": None,
+                "i_squared": None, "tau_squared": None}
+    w = 1.0 / v
+    fixed = _pooled(y, w, level)
+    if k == 1:
+        return {"k": 1, "fixed": fixed, "random": dict(fixed), "q": None, "df": 0,
+                "q_p": None, "i_squared": None, "tau_squared": None}
+    df = k - 1
+    q = float(np.sum(w * (y - fixed["estimate"]) ** 2))
+    c = float(w.sum() - np.sum(w ** 2) / w.sum())
+    tau2 = max(0.0, (q - df) / c)
+    i2 = max(0.0, (q - df) / q) if q > 0 else 0.0
+    return {"k": k, "fixed": fixed, "random": _pooled(y, 1.0 / (v + tau2), level),
+            "q": q, "df": df, "q_p": float(_st.chi2.sf(q, df)), "i_squared": i2,
+            "tau_squared": tau2}

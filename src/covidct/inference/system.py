@@ -115,7 +115,7 @@ def assemble(folder: str | Path, *, threshold: float, youden_from=(), cox: Path 
                        "youden_source": [str(p) for p in youden_from]},
         "training_data": run.get("training_data"),
         "training_run": {k: run.get(k) for k in ("run_id", "tracking_uri", "model_uri",
-                                                 "registered_model", "version")},
+                                                 "model_id", "registered_model", "version")},
         "cox": "cox.json" if cox is not None else None,
         "segmenter": "segmenter.keras" if seg["method"] == "fpn" else None,
     }
@@ -132,11 +132,11 @@ def assemble(folder: str | Path, *, threshold: float, youden_from=(), cox: Path 
 
 
 def _log_to_run(tracking: TrackingParams, run_id: str, files) -> None:
-    import mlflow
+    from covidct.io.tracking import client
 
-    client = mlflow.MlflowClient(tracking_uri=tracking.tracking_uri)
+    mlflow_client = client(tracking.tracking_uri)
     for path in files:
-        client.log_artifact(run_id, str(path), artifact_path=ARTIFACTS)
+        mlflow_client.log_artifact(run_id, str(path), artifact_path=ARTIFACTS)
 
 
 # --------------------------------------------------------------------------- opening
@@ -161,12 +161,12 @@ def _download(uri: str, tracking: TrackingParams, cache) -> tuple[Path, dict]:
 
     import mlflow
 
+    from covidct.io.tracking import client as tracking_client
     from covidct.model.saved import download_model
 
     root = Path(cache or tempfile.mkdtemp(prefix="covidct-system-"))
     model = download_model(uri, tracking, root / "model")
-    client = mlflow.MlflowClient(tracking_uri=tracking.tracking_uri,
-                                 registry_uri=tracking.tracking_uri)
+    client = tracking_client(tracking.tracking_uri)
     name_version = uri[len("models:/"):]
     if "@" in name_version:
         version = client.get_model_version_by_alias(*name_version.split("@", 1))

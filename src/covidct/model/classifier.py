@@ -82,6 +82,20 @@ def stratified_split(y: Sequence[int], val_fraction: float, seed: int
     return train_idx, val_idx
 
 
+def training_subset(y: Sequence[int], fraction: float, seed: int) -> np.ndarray:
+    """Seeded, class-stratified subset: round(fraction x n_c) of each class c (at least one).
+    The subsets of growing fractions are nested. Returns sorted positions into ``y``."""
+    y = np.asarray(y)
+    if fraction >= 1.0:
+        return np.arange(len(y))
+    rng = np.random.default_rng([seed, 0xF4AC])
+    keep = []
+    for cls in np.unique(y):
+        members = rng.permutation(np.flatnonzero(y == cls))
+        keep.extend(members[:max(1, int(round(fraction * len(members))))].tolist())
+    return np.array(sorted(keep), dtype=int)
+
+
 def binary_auc(y: Sequence[int], p: Sequence[float]) -> float:
     """Exact ROC AUC (NaN when only one class is present)."""
     from sklearn.metrics import roc_auc_score
@@ -187,6 +201,12 @@ class ClassifierTrainer(Trainer):
         train_idx, val_idx = stratified_split(table["y"].to_numpy(), self.p.val_fraction,
                                               self.seed)
         self.train_t, self.val_t = table.iloc[train_idx], table.iloc[val_idx]
+        if self.p.train_fraction < 1.0:
+            subset = training_subset(self.train_t["y"].to_numpy(), self.p.train_fraction,
+                                     self.seed)
+            log.info("training on %d of the %d patients of the training split (fraction %g)",
+                     len(subset), len(self.train_t), self.p.train_fraction)
+            self.train_t = self.train_t.iloc[subset]
         if len(self.train_t) == 0:
             raise CovidctError("no patients left for training after the validation split",
                                path=self.sheet)
@@ -283,7 +303,8 @@ class ClassifierTrainer(Trainer):
             "momentum": p.momentum, "bn_momentum": p.bn_momentum, "lr_factor": p.lr_factor,
             "lr_patience": p.lr_patience,
             "class_weight_negative": float(p.negative_weight(self.task)),
-            "val_fraction": p.val_fraction, "select": p.select, "augment": bool(p.augment),
+            "val_fraction": p.val_fraction, "train_fraction": p.train_fraction,
+            "select": p.select, "augment": bool(p.augment),
             "augment_non_lung": p.augment_non_lung if p.augment else 0.0,
             "augment_noise": p.augment_noise if p.augment else 0.0,
             "augment_blur": p.augment_blur if p.augment else 0.0,
@@ -301,8 +322,18 @@ class ClassifierTrainer(Trainer):
     def tags(self) -> dict[str, str]:
         return {"covidct.task": self.task, "covidct.sites": ",".join(self.sites)}
 
+    def log_inputs(self, mlflow) -> None:
+        from covidct.io.tracking import log_sheet_inputs
+
+        source = ", ".join(map(str, self.sheet)) if isinstance(self.sheet, (list, tuple)) \
+            else str(self.sheet)
+        log_sheet_inputs(mlflow, self.train_t, source, "training")
+        if len(self.val_t):
+            log_sheet_inputs(mlflow, self.val_t, source, "validation")
+
     def record(self) -> dict:
         return {"task": self.task, "n_train": len(self.train_t), "n_val": len(self.val_t),
+                "train_fraction": self.p.train_fraction,
                 "init": str(self.init) if self.init else "none", "init_digest": self.init_digest,
                 "preprocessing": self.preprocessing, "training_data": self.training_data}
 

@@ -25,6 +25,7 @@ import pandas as pd
 
 from covidct.io.atomic import atomic_path, write_csv
 from covidct.io.results import remove_run, write_run
+from covidct.io.tracking import CANDIDATE_ALIAS, set_candidate_alias
 from covidct.params import PRECISION_POLICIES, TrackingParams
 
 log = logging.getLogger(__name__)
@@ -172,6 +173,9 @@ class Trainer:
         """What run.json holds besides the common keys."""
         return {}
 
+    def log_inputs(self, mlflow) -> None:
+        """Log the training data as the MLflow run's dataset inputs."""
+
     # ---- the protocol --------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         """Train, select, save and record; returns the run.json record."""
@@ -185,9 +189,11 @@ class Trainer:
         params = {**self.params(), "name": self.name, "epochs": self.epochs, "seed": self.seed,
                   "backend": keras.backend.backend(), "keras_version": keras.__version__,
                   "n_params": int(model.count_params())}
-        tags = {"covidct.rule": self.rule, "model": self.model_kind, **self.tags(),
+        tags = {"covidct.rule": self.rule, "covidct.model": self.model_kind, **self.tags(),
                 **self.extra_tags}
         with self._tracking_run(tags, params) as (mlflow, active):
+            if mlflow is not None:
+                self.log_inputs(mlflow)
             epochs = epoch_log(self, keras, mlflow)
             if self.epochs:
                 model.fit(data, epochs=self.epochs, shuffle=False, verbose=0,
@@ -204,8 +210,8 @@ class Trainer:
                       "input_shape": [int(s) for s in final.inputs[0].shape[1:-1]],
                       "backend": params["backend"], "history": history.name, **summary,
                       **self.record(), "run_id": None, "experiment_id": None,
-                      "tracking_uri": None, "model_uri": None, "registered_model": None,
-                      "version": None}
+                      "tracking_uri": None, "model_uri": None, "model_id": None,
+                      "registered_model": None, "version": None, "alias": None}
             if mlflow is not None:
                 selected = {f"selected_{k}": v for k, v in summary.items()
                             if isinstance(v, (int, float)) and math.isfinite(v)}
@@ -218,8 +224,11 @@ class Trainer:
                 record.update(run_id=active.info.run_id,
                               experiment_id=active.info.experiment_id,
                               tracking_uri=self.tracking.tracking_uri, model_uri=info.model_uri,
-                              registered_model=registered,
+                              model_id=info.model_id, registered_model=registered,
                               version=None if version is None else int(version))
+                if registered and version is not None:
+                    set_candidate_alias(self.tracking, registered, version)
+                    record["alias"] = f"models:/{registered}@{CANDIDATE_ALIAS}"
         write_run(self.out, record)
         log.info("selected epoch %d (%s); model %s, MLflow run %s, %s version %s",
                  epochs.best_epoch, ", ".join(f"{k} {v:.4g}" for k, v in summary.items()

@@ -1,0 +1,29 @@
+# The patient flow per site (sheet -> ingest -> segmentation -> ROI -> training use, follow-up)
+# and Table 1. No store is named on the command line: the stage finds them by the layout.
+
+
+rule flow:
+    input:
+        sheets=site_sheets(sorted(set(samples["site"]))),
+        rois=store_paths(sorted(set(samples["site"])), "roi.zarr"),
+        runs=flow_model_runs(),
+    output:
+        flow=report(f"{RESULTS}/tables/flow.md", caption="../report/flow.rst", category="Cohort"),
+        flow_tsv=f"{RESULTS}/tables/flow.tsv",
+        failures=f"{RESULTS}/tables/flow_failures.tsv",
+        table1=report(
+            f"{RESULTS}/tables/table1.md", caption="../report/table1.rst", category="Cohort"
+        ),
+        table1_csv=f"{RESULTS}/tables/table1.csv",
+    log:
+        "logs/flow.log",
+    conda:
+        "../../envs/stats.yaml"
+    params:
+        out_dir=lambda wc, output: Path(output.flow).parent,
+        models=lambda wc, input: " ".join(str(Path(r).parent) for r in input.runs),
+        patients=lambda wc, input: Path(input.rois[0]).parents[2],
+        tracking=TRACKING,
+    shell:
+        "covidct flow --sheets {input.sheets} --patients {params.patients} --logs logs"
+        " --models {params.models} --out-dir {params.out_dir} {params.tracking} > {log} 2>&1"
