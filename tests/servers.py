@@ -105,6 +105,6 @@ def rendered(url: str, folder: Path, wait_ms: int = 20000) -> str:
         [browser(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
          "--no-first-run", f"--user-data-dir={profile}", f"--virtual-time-budget={wait_ms}",
          "--dump-dom", url],
-        capture_output=True, text=True, timeout=180)
+        capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout

@@ -24,6 +24,7 @@ from sklearn.metrics import (
 )
 
 from covidct.cli import main
+from covidct.io.tracking import client as tracking_client
 
 METRIC_KEYS = {"n", "n_positive", "auc", "auc_ci", "auc_variance", "accuracy", "sensitivity",
                "specificity", "ppv", "npv", "f1", "ci", "threshold", "youden", "brier",
@@ -273,7 +274,6 @@ def test_evaluate_bad_input_names_patient_and_file(tmp_path, capsys):
 
 
 def test_evaluate_mlflow_run(tmp_path):
-    from mlflow import MlflowClient
 
     make_predictions(tmp_path / "p.csv", "Heilongjiang", 80, seed=6)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -282,7 +282,7 @@ def test_evaluate_mlflow_run(tmp_path):
                  "--role", "diagnosis", "--threshold", "0.8",
                  "--subgroup", "viral=covid,viral"]) == 0
     m = json.loads((out / "metrics.json").read_text())
-    client = MlflowClient(tracking_uri=uri)
+    client = tracking_client(uri)
     exp = client.get_experiment_by_name("covidct")
     runs = client.search_runs([exp.experiment_id])
     assert len(runs) == 1

@@ -20,6 +20,7 @@ from covidct.explain.saliency import (
     saliency_on_ct,
 )
 from covidct.io.stores import roi_box, write_image
+from covidct.io.tracking import client as tracking_client
 from covidct.preprocess.roi import lung_in_roi
 
 SHAPE = (6, 12, 16)  # (D, H, W) of the tiny ROI
@@ -273,9 +274,8 @@ def test_explain_stage_end_to_end(tmp_path):
     for name in ("filters_conv_a.png", "feature_pca.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
 
-    import mlflow
 
-    client = mlflow.MlflowClient(tracking_uri=uri)
+    client = tracking_client(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("covidct").experiment_id])
     arts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"feature_pca.png", "filters_conv_a.png", "saliency"} <= arts
@@ -286,7 +286,7 @@ def test_explain_stage_end_to_end(tmp_path):
 JAX_CHECK = """
 import sys
 import numpy as np, keras
-from covidct import explain
+from covidct.explain.saliency import saliency
 model = keras.models.load_model(sys.argv[1], compile=False)
 roi = np.load(sys.argv[2])
 assert keras.backend.backend() == "jax"

@@ -15,6 +15,7 @@ import SimpleITK as sitk
 from covidct.cli import main
 from covidct.errors import CovidctError
 from covidct.io.results import read_run
+from covidct.io.tracking import client as tracking_client
 from covidct.model import fpn as network
 from covidct.model import segmenter
 from covidct.preprocess import lung_fpn
@@ -248,9 +249,7 @@ def test_training_reduces_loss_and_records_the_run(trained):
     assert 0.0 <= record["val_dice"] <= 1.0
     assert record["val_dice"] == max(h["val_dice"] for h in history)
 
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri=uri)
+    client = tracking_client(uri)
     run = client.get_run(record["run_id"])
     assert run.info.status == "FINISHED"
     assert run.data.params["size"] == str(SIZE) and run.data.params["encoder"] == "DenseNet121"

@@ -17,6 +17,7 @@ import pytest
 from covidct.cli import main
 from covidct.errors import CovidctError
 from covidct.io.stores import write_image
+from covidct.io.tracking import client as tracking_client
 from covidct.params import RoiParams
 
 SHAPE = (16, 32, 48)
@@ -141,11 +142,10 @@ def test_learns_the_easy_signal(cohort, trained, tmp_path):
 
 
 def test_mlflow_run_params_metrics_and_registry(cohort, trained):
-    from mlflow import MlflowClient
 
     root, _, _ = cohort
     _, record = trained
-    client = MlflowClient(tracking_uri=record["tracking_uri"])
+    client = tracking_client(record["tracking_uri"])
     run = client.get_run(record["run_id"])
     assert run.info.run_name == "pretrain_test" and run.info.status == "FINISHED"
     params = run.data.params
@@ -188,7 +188,6 @@ def test_steps_per_execution_trains_the_same_model(cohort, trained):
     """Several steps per compiled call (the GPU setting) is a speed option, not another model:
     the weights match the one-step run, and the setting is recorded in MLflow."""
     import keras
-    import mlflow
 
     root, rois, _ = cohort
     out = root / "models" / "spe"
@@ -198,7 +197,7 @@ def test_steps_per_execution_trains_the_same_model(cohort, trained):
     assert len(a) == len(b)
     for x, y in zip(a, b):
         np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
-    run = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}").get_run(
+    run = tracking_client(f"sqlite:///{root / 'mlflow.db'}").get_run(
         json.loads((out / "run.json").read_text())["run_id"])
     assert run.data.params["steps_per_execution"] == "3"
 
@@ -392,13 +391,12 @@ def test_dataset_blur_and_noise():
 def test_init_from_a_registered_model_alias(cohort, trained):
     """training.init may name a registered model: models:/NAME@ALIAS is fetched and loaded."""
     import keras
-    from mlflow import MlflowClient
 
     from covidct.model.trainer import weights_digest
 
     root, rois, _ = cohort
     _, record = trained
-    client = MlflowClient(tracking_uri=record["tracking_uri"])
+    client = tracking_client(record["tracking_uri"])
     client.set_registered_model_alias(record["registered_model"], "champion",
                                       str(record["version"]))
     out = root / "models" / "from_alias"

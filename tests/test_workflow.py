@@ -18,6 +18,8 @@ import pandas as pd
 import pytest
 import yaml
 
+from covidct.io.tracking import client as tracking_client
+
 pytestmark = pytest.mark.slow
 
 BIN = Path(sys.executable).parent
@@ -192,10 +194,9 @@ def test_adding_a_training_site_retrains(repo, tiny_run):
 
 
 def test_mlflow_has_the_gather_and_per_site_runs_only(tiny_run):
-    import mlflow
 
     workdir, config, _ = tiny_run
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{workdir / 'results' / 'mlflow.db'}")
+    client = tracking_client(f"sqlite:///{workdir / 'results' / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("covidct")
     runs = client.search_runs([experiment.experiment_id], max_results=500)
     names = sorted(r.info.run_name for r in runs)

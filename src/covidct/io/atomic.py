@@ -60,7 +60,7 @@ def jsonable(value: Any) -> Any:
 
 def write_text(path: str | Path, text: str) -> Path:
     with atomic_path(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
     return Path(path)
 
 

@@ -200,7 +200,7 @@ def read_plan(folder: str | Path) -> dict[str, Any]:
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:
     try:
-        value = json.loads(path.read_text())
+        value = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise CovidctError(f"{what} not found", path=path) from None
     except (OSError, ValueError) as err:

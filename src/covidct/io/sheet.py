@@ -68,7 +68,7 @@ def _schema_problems(df: pd.DataFrame, path: Path) -> list[str]:
 
     from covidct.io.atomic import jsonable
 
-    validator = jsonschema.Draft202012Validator(yaml.safe_load(SCHEMA.read_text()))
+    validator = jsonschema.Draft202012Validator(yaml.safe_load(SCHEMA.read_text(encoding="utf-8")))
     problems = []
     for i, row in enumerate(df[list(COLUMNS)].itertuples(index=False)):
         record = jsonable({k: (None if v is pd.NA else v) for k, v in row._asdict().items()})

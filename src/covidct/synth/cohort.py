@@ -281,7 +281,7 @@ def run(args: argparse.Namespace) -> int:
     if not path.exists():
         raise CovidctError("config not found", path=path)
     try:
-        config = yaml.safe_load(path.read_text()) or {}
+        config = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:
         raise CovidctError(f"not valid YAML: {err}".replace("\n", " "), path=path) from None
     root = args.root if args.root is not None else str(Path(args.out).parent)
