@@ -68,15 +68,18 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 @contextmanager
-def mlflow_server(backend_uri: str, artifact_root: Path, folder: Path):
-    """`mlflow server` over ``backend_uri`` on a free port; yields its base URL."""
+def mlflow_server(backend_uri: str, artifact_root: Path, folder: Path, proxy: bool = False):
+    """`mlflow server` over ``backend_uri`` on a free port; yields its base URL. ``proxy``: the
+    server stores the artifacts it is sent (``--artifacts-destination``, the README's cluster
+    set-up) instead of clients writing to ``artifact_root`` themselves."""
     port = free_port()
     log_path = folder / "mlflow_server.log"
+    artifacts = (["--artifacts-destination", artifact_root.as_uri()] if proxy
+                 else ["--default-artifact-root", artifact_root.as_uri()])
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri,
-             "--default-artifact-root", artifact_root.as_uri(), "--host", "127.0.0.1",
-             "--port", str(port), "--workers", "1"],
+             *artifacts, "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
             stdout=log, stderr=subprocess.STDOUT, cwd=folder, start_new_session=True)
         base = f"http://127.0.0.1:{port}"
         try:

@@ -7,6 +7,8 @@ import tomllib
 
 import yaml
 
+OWN = "-e ${COVIDCT_SOURCE}"     # expanded by pip, from any folder conda copies the file to
+
 
 def _name(req: str) -> str:
     return re.sub(r"[-_.]+", "-", re.split(r"[=<>;\[ ]", req, maxsplit=1)[0]).lower()
@@ -28,7 +30,7 @@ def _pyproject_pins(repo) -> dict[str, str]:
 def test_every_env_pin_matches_pyproject(repo):
     pins = _pyproject_pins(repo)
     envs = sorted((repo / "envs").glob("*.yaml"))
-    assert {e.stem for e in envs} >= {"preprocess", "deep", "stats"}
+    assert {e.stem for e in envs} >= {"preprocess", "deep", "gpu", "stats"}
     requires = tomllib.loads((repo / "pyproject.toml").read_text())["project"]["requires-python"]
     low = re.search(r">=\s*(\d+\.\d+)", requires).group(1)
     for env in envs:
@@ -39,8 +41,9 @@ def test_every_env_pin_matches_pyproject(repo):
             f"{env.name}: python pin {python} vs requires-python {requires}"
         )
         pip = next(d["pip"] for d in spec["dependencies"] if isinstance(d, dict))
-        own = [p for p in pip if p.startswith("-e ..")]
-        assert len(own) == 1, f"{env.name} must install covidct from the checkout"
+        own = [p for p in pip if p.startswith("-e ")]
+        assert len(own) == 1 and own[0].startswith(OWN), \
+            f"{env.name} must install covidct from the workflow's checkout ({OWN})"
         for req in pip:
             if req.startswith("-"):
                 continue
@@ -82,7 +85,8 @@ def test_every_rule_has_an_env_and_a_log(repo):
             if re.search(r"^\s+run:", body, flags=re.M):
                 continue
             envs = re.findall(r'"\.\./\.\./envs/(\w+)\.yaml"', body)
-            assert envs or "segment_env()" in body, f"{label} has no conda env"
+            assert envs or "segment_env()" in body or "deep_env()" in body, \
+                f"{label} has no conda env"
             for env in envs:
                 assert (repo / "envs" / f"{env}.yaml").exists(), f"{label}: envs/{env}.yaml missing"
     assert rules >= 16

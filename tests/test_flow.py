@@ -68,6 +68,13 @@ def test_flow_counts_each_step_failures_and_training_use(tmp_path):
     assert failures[["patient", "failed_step"]].values.tolist() == [["a4", "roi"]]
     assert "lung mask has no voxels" in failures["reason"].iloc[0]
     assert "| hospA | 4 | 4 | 4 | 3 |" in (out / "flow.md").read_text()
+    # the prognosis' follow-up rule: a1's 10-day stay is under 12 days, b1's 14 is not
+    assert main(["flow", "--sheets", *map(str, sheets), "--patients", str(tmp_path / "patients"),
+                 "--logs", str(tmp_path / "logs"), "--out-dir", str(out),
+                 "--min-follow-up-days", "12", "--tracking-uri", "none"]) == 0
+    flow = pd.read_csv(out / "flow.tsv", sep="\t").set_index("site")
+    assert flow["with follow-up"].to_dict() == {"hospA": 1, "hospB": 1, "all": 2}
+    assert "follow-up of at least 12 days" in (out / "flow.md").read_text()
 
 
 def test_table1_summarises_each_site(tmp_path):

@@ -27,6 +27,23 @@ TABLE_S1 = {
 }
 
 
+# the same stages in the authors' arrangement (myDense.py), under their layer names
+AUTHORS_STAGES = {
+    "block0_conv2": (48, 120, 180, 16),
+    "block13_trans_conv": (48, 120, 180, 16),
+    "max_pooling3d": (24, 60, 90, 16),
+    "block23_trans_conv": (24, 60, 90, 24),
+    "max_pooling3d_1": (12, 30, 45, 24),
+    "block_31_3_concat": (12, 30, 45, 152),
+    "max_pooling3d_2": (6, 15, 23, 152),
+    "EGFR_block_11_1_concat": (6, 15, 23, 216),
+    "max_pooling3d_3": (6, 8, 12, 216),
+    "EGFR_block_12_trans_conv": (6, 8, 12, 64),
+    "dl_feature": (64,),
+    "EGFR_global_pred": (1,),
+}
+
+
 @pytest.fixture(scope="module")
 def paper_model():
     from covidct.model.architecture import covid19net
@@ -54,6 +71,28 @@ def test_parameter_count(paper_model):
     assert not any(isinstance(layer, keras.layers.Dropout) for layer in paper_model.layers)
     # block 3 grows 24 -> 152 channels by 4 pairs of 32: every pair's output is concatenated
     assert paper_model.get_layer("block3_pair4_concat").output.shape[-1] == 24 + 4 * 32
+
+
+def test_the_authors_arrangement_at_paper_size():
+    import keras
+
+    from covidct.model.architecture import architecture_of, covid19net
+
+    model = covid19net((48, 240, 360), architecture="authors")
+    for name, shape in AUTHORS_STAGES.items():
+        assert tuple(model.get_layer(name).output.shape[1:]) == shape, name
+    trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
+    # pre-activation: one more BatchNorm per pair and transition than post-activation
+    assert (model.count_params(), trainable) == (894_545, 891_329)   # the paper: "about 891k"
+    assert architecture_of(model) == "authors"
+    layers = [layer.name for layer in model.layers]
+    # pre-activation: BatchNorm and ReLU come before each pair's convolution
+    pair = layers.index("block_21_0_1_conv")
+    assert layers[pair - 2:pair] == ["block_21_0_0_bn", "block_21_0_0_relu"]
+    # no BatchNorm/ReLU after the stem's second convolution; one after the third pooling
+    assert layers[layers.index("block0_conv2") + 1] == "block_11_0_0_bn"
+    assert layers[layers.index("max_pooling3d_2") + 1] == "block_final_bn"
+    assert isinstance(model.get_layer("EGFR_block_12_trans_bn"), keras.layers.BatchNormalization)
 
 
 def test_forward_pass_small_input():

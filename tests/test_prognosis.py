@@ -25,6 +25,7 @@ from covidct.analysis.prognosis import (
     site_result,
 )
 from covidct.cli import main
+from covidct.io.tracking import client as tracking_client
 from covidct.params import PrognosisParams, ridge_penalizer
 
 # --------------------------------------------------------------------------- reference data
@@ -389,10 +390,9 @@ def test_prognosis_stage_end_to_end(tmp_path):
     md = (tables / "table_s3.md").read_text()
     assert "| DL feature-3 |" in md and DIRECTION in md
 
-    import mlflow
 
-    runs = mlflow.MlflowClient(tracking_uri=uri).search_runs(
-        [mlflow.MlflowClient(tracking_uri=uri).get_experiment_by_name("covidct").experiment_id])
+    runs = tracking_client(uri).search_runs(
+        [tracking_client(uri).get_experiment_by_name("covidct").experiment_id])
     by_site = {r.data.tags["covidct.site"]: r for r in runs}
     assert set(by_site) == {"A", "B", "C"}
     assert by_site["B"].data.metrics["p"] == pytest.approx(b["p"])
@@ -402,7 +402,6 @@ def test_prognosis_stage_end_to_end(tmp_path):
 def test_prognosis_stage_ridge(tmp_path):
     """--selection ridge through the command line: every candidate in cox.json, Table S3 by
     coefficient size, the penalizer in MLflow; and a bad --ridge-penalizer is refused."""
-    import mlflow
 
     paths, sheet = write_inputs(tmp_path, {"A": simulate_cohort(1, 120),
                                            "B": simulate_cohort(2, 80, site="B")})
@@ -421,7 +420,7 @@ def test_prognosis_stage_ridge(tmp_path):
     assert md[0] == "# Table S3. Prognostic covariates of the ridge Cox model"
     assert md[4].startswith("| DL feature-3 |")      # the one true signal has the largest coef
     assert len([line for line in md if line.startswith("| ")]) == 1 + 11
-    client = mlflow.MlflowClient(tracking_uri=uri)
+    client = tracking_client(uri)
     runs = client.search_runs([client.get_experiment_by_name("covidct").experiment_id])
     assert {r.data.params["penalizer"] for r in runs} == {"0.5"}
     assert {r.data.params["selection"] for r in runs} == {"ridge"}
@@ -470,11 +469,41 @@ def test_load_cohort_keeps_covid_with_follow_up(tmp_path):
     paths, sheet = write_inputs(tmp_path, {"A": simulate_cohort(1, 40),
                                            "B": simulate_cohort(2, 20, site="B")},
                                 no_follow_up={"B"})
-    cohort, feats, sites, notes = load_cohort([paths["A"]], [paths["B"]], sheet,
-                                              min_follow_up=3)
+    cohort, feats, sites, notes, short = load_cohort([paths["A"]], [paths["B"]], sheet,
+                                                     min_follow_up_days=3)
     assert sites == ["A", "B"] and feats == [f"feature_{i}" for i in range(8)]
     sim = simulate_cohort(1, 40)
     assert len(cohort) == int((sim["stay_days"] >= 3).sum())
+    assert short == {"A": int((sim["stay_days"] < 3).sum()), "B": 0} and short["A"] > 0
     assert set(cohort["site"]) == {"A"} and set(cohort["sex"]) <= {0.0, 1.0}
     assert any("20 of 20" in n for n in notes["B"])
     assert not math.isnan(cohort["age"].sum())
+
+
+def test_min_follow_up_days_leaves_out_short_stays_and_reports_them(tmp_path):
+    """The paper's cohort: COVID-19 patients with at least 5 days of follow-up. A patient
+    with a 4-day stay is left out, one with exactly 5 days kept; cox.json, logrank.json and
+    the notes count the exclusions per site."""
+    train, valid = simulate_cohort(1, 120), simulate_cohort(2, 60, site="B")
+    train.loc[:4, "stay_days"] = [4, 4, 4, 5, 5]
+    valid.loc[:1, "stay_days"] = [1, 5]
+    paths, sheet = write_inputs(tmp_path, {"A": train, "B": valid})
+    out, tables = tmp_path / "prognosis", tmp_path / "tables"
+    args = ["prognosis", "--train", str(paths["A"]), "--validate", str(paths["B"]), "--sheet",
+            str(sheet), "--out-dir", str(out), "--tables-dir", str(tables), "--selection",
+            "ridge", "--ridge-penalizer", "1", "--n-boot", "20", "--tracking-uri", "none"]
+    assert main(args + ["--min-follow-up-days", "5"]) == 0
+    short_a, short_b = int((train["stay_days"] < 5).sum()), int((valid["stay_days"] < 5).sum())
+    assert short_a >= 3 and short_b >= 1
+    cox = json.loads((out / "cox.json").read_text())
+    assert cox["follow_up"] == {"min_follow_up_days": 5.0,
+                                "excluded_short_follow_up": {"A": short_a, "B": short_b},
+                                "n_excluded_short_follow_up": short_a + short_b}
+    assert cox["training"]["n"] == 120 - short_a
+    b = json.loads((out / "B" / "logrank.json").read_text())
+    assert b["n"] == 60 - short_b and b["excluded_short_follow_up"] == short_b
+    assert any(f"{short_b} with stay_days < 5" in n for n in b["notes"])
+    # the demo's default keeps every stay
+    assert main(args) == 0
+    cox = json.loads((out / "cox.json").read_text())
+    assert cox["training"]["n"] == 120 and cox["follow_up"]["n_excluded_short_follow_up"] == 0

@@ -20,6 +20,7 @@ from covidct.preprocess.roi import (
     check_lung_mask,
     lung_bbox,
     make_roi,
+    resize_and_zscore,
     suppress_non_lung,
 )
 
@@ -58,6 +59,78 @@ def test_end_slice_rule_drops_exactly_the_slices_under_3_percent():
     kept = m[z0:z1]
     assert kept.sum() == kept[:, y0:y1, x0:x1].sum()
     assert (y0, y1, x0, x1) == (50, 150, 50, 150)
+
+
+def test_neighbour_rule_keeps_a_slice_only_with_both_neighbours_passing():
+    # 3% of 10000 = 300: slice 2 passes but its neighbour 1 does not, so the authors' rule
+    # starts at 3; slice 7 passes with its neighbour 6 but 8 fails, so it ends at 6
+    areas = [0, 100, 400, 400, 10000, 9000, 400, 350, 100, 0]
+    m = _mask_with_areas(areas)
+    assert lung_bbox(m)[:2] == (2, 8)
+    assert lung_bbox(m, slice_rule="neighbours")[:2] == (3, 7)
+    # an isolated passing slice inside the lung breaks nothing: the span is first..last kept
+    m2 = _mask_with_areas([400, 400, 10000, 100, 10000, 400, 400])
+    assert lung_bbox(m2, slice_rule="neighbours")[:2] == (0, 7)   # ends: it and one neighbour
+    with pytest.raises(RoiRejected, match="neighbours"):
+        lung_bbox(_mask_with_areas([10000, 100, 10000, 100, 10000]), slice_rule="neighbours")
+
+
+def test_whole_mask_box_takes_the_plane_of_dropped_slices_too():
+    m = _mask_with_areas([100, 10000, 10000, 10000, 100])
+    m[0, 0:10, 0:10] = True                  # in a dropped end slice, outside the kept box
+    assert lung_bbox(m)[2:] == (50, 150, 50, 150)
+    assert lung_bbox(m, plane_box="whole_mask") == (1, 4, 0, 150, 0, 150)
+
+
+def test_drop_scan_ends_leaves_the_first_and_last_slice_out():
+    m = _mask_with_areas([10000] * 6)
+    m[0, 0:10, 0:10] = True
+    assert lung_bbox(m) == (0, 6, 0, 150, 0, 150)
+    assert lung_bbox(m, drop_scan_ends=True) == (1, 5, 50, 150, 50, 150)
+    assert lung_bbox(m, drop_scan_ends=True, plane_box="whole_mask") == (1, 5, 50, 150, 50, 150)
+    # the neighbour rule then sees slice 1 as the first slice (it needs slice 2 only)
+    m3 = _mask_with_areas([0, 10000, 10000, 10000, 10000, 0])
+    assert lung_bbox(m3, drop_scan_ends=True, slice_rule="neighbours")[:2] == (1, 5)
+
+
+def _step_box():
+    """A box with a sharp step: the cubic resize overshoots both plateaus."""
+    box = np.zeros((8, 20, 20), np.float32)
+    box[:, :, 10:] = 100.0
+    return box
+
+
+def test_clip_resized_removes_the_cubic_overshoot():
+    box = _step_box()
+    size = (8, 33, 33)
+    plain = RoiParams(size=size, antialias=False, zscore="resized")
+    clipped = RoiParams(size=size, antialias=False, zscore="resized", clip_resized=True)
+    resized = resize_cubic(box, size)
+    assert resized.min() < 0 and resized.max() > 100            # the overshoot is there
+    _, mean, sd = resize_and_zscore(box, size, clipped)
+    expected = np.clip(resized, 0, 100)
+    assert mean == pytest.approx(expected.mean(dtype=np.float64), rel=1e-5)
+    roi, mean0, _ = resize_and_zscore(box, size, plain)
+    assert mean0 == pytest.approx(resized.mean(dtype=np.float64), rel=1e-5)
+    roi_c, _, _ = resize_and_zscore(box, size, clipped)
+    lo, hi = (np.float32(0) - mean) / sd, (np.float32(100) - mean) / sd
+    assert float(roi_c.min()) >= lo - 1e-2 and float(roi_c.max()) <= hi + 1e-2
+    assert float(roi.min()) < float(roi_c.min())
+
+
+def test_zscore_after_resize_is_mean_0_sd_1_on_the_roi():
+    box = _step_box()
+    box[:, :3] = -50.0                      # rows the shrink averages away
+    size = (4, 7, 9)
+    before = RoiParams(size=size, antialias=False)
+    after = RoiParams(size=size, antialias=False, zscore="resized")
+    roi_box, mean_box, sd_box = resize_and_zscore(box, size, before)
+    roi_res, _, _ = resize_and_zscore(box, size, after)
+    assert mean_box == pytest.approx(box.mean(dtype=np.float64), rel=1e-5)
+    assert sd_box == pytest.approx(box.std(dtype=np.float64), rel=1e-5)
+    r = roi_res.astype(np.float64)
+    assert abs(r.mean()) < 2e-3 and r.std() == pytest.approx(1.0, abs=2e-3)
+    assert abs(roi_box.astype(np.float64).mean()) > 0.02      # box stats are another z-score
 
 
 def test_box_holds_every_mask_voxel_of_an_irregular_mask():

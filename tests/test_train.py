@@ -406,3 +406,58 @@ def test_init_from_a_registered_model_alias(cohort, trained):
     started = json.loads((out / "run.json").read_text())
     pre = keras.saving.load_model(trained[0] / "model.keras").get_weights()
     assert started["init"] == uri and started["init_digest"] == weights_digest(pre)
+
+
+@pytest.mark.slow
+def test_a_killed_training_resumes_after_its_last_finished_epoch(cohort, tmp_path):
+    """`covidct train` killed (SIGKILL) after its second epoch and started again continues from
+    there: the same weights as an uninterrupted run, one history, one MLflow run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import keras
+
+    root, rois, _ = cohort
+    args = train_args(root, rois, tmp_path / "killed", "--no-register", "--lr-patience", "1",
+                      name="resume_test")
+    args[args.index("--epochs") + 1] = "5"
+    state = tmp_path / "killed" / "resume" / "state.json"
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "covidct", *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if state.exists() and json.loads(state.read_text())["epochs_done"] >= 2:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the training ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    saved = json.loads(state.read_text())
+    done = saved["epochs_done"]
+    assert 2 <= done < 5 and not (tmp_path / "killed" / "run.json").exists()
+
+    assert main(args) == 0                                   # the restarted job
+    reference = tmp_path / "whole"
+    whole = list(args)
+    whole[whole.index("--out") + 1] = str(reference)
+    assert main(whole) == 0
+    a = keras.saving.load_model(tmp_path / "killed" / "model.keras").get_weights()
+    b = keras.saving.load_model(reference / "model.keras").get_weights()
+    assert all(np.allclose(x, y, rtol=1e-5, atol=1e-6) for x, y in zip(a, b))
+    resumed, ref = (pd.read_csv(f / "history.csv") for f in (tmp_path / "killed", reference))
+    assert resumed["epoch"].tolist() == [1, 2, 3, 4, 5]
+    assert np.allclose(resumed[["loss", "val_auc", "lr"]], ref[["loss", "val_auc", "lr"]],
+                       rtol=1e-4, atol=1e-6)
+    # the finished epochs were taken over, not trained again: their rows are the killed run's
+    assert np.allclose(resumed["seconds"][:done], [row["seconds"] for row in saved["rows"]],
+                       rtol=1e-12, atol=0)
+    assert not (tmp_path / "killed" / "resume").exists()
+    record = json.loads((tmp_path / "killed" / "run.json").read_text())
+    assert record["run_id"] == saved["run_id"]
+    history = tracking_client(record["tracking_uri"]).get_metric_history(record["run_id"],
+                                                                        "val_auc")
+    assert sorted(m.step for m in history) == [1, 2, 3, 4, 5]      # one run, every epoch once

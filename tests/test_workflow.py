@@ -114,6 +114,14 @@ def test_tiny_workflow_runs_end_to_end(tiny_run):
     for roi in rois:
         lung = read_label(roi, "lung")
         assert lung is not None and 0.1 < lung.mean() < 0.9
+    # every per-patient and network job measured its time and memory (benchmark:)
+    assert len(list((workdir / "logs" / "benchmark" / "roi").glob("*/*.tsv"))) == n
+    summary = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "benchmarks" /
+                                                  "rule_resources.py"), "--logs",
+                              str(workdir / "logs")], capture_output=True, text=True, check=True)
+    measured = {line.split()[0]: line.split()[1:] for line in summary.stdout.splitlines()[2:]}
+    assert {"ingest", "segment", "roi", "pretrain_egfr", "finetune_covid"} <= set(measured)
+    assert int(measured["roi"][0]) == n and float(measured["finetune_covid"][3]) > 100  # MB
     sal = pd.read_csv(results / "explain" / "saliency_in_lung.csv")
     assert len(sal) and sal[["fraction", "fraction_ct"]].stack().between(0, 1).all()
     assert (sal["fraction_ct"] > sal["lung_volume_fraction_ct"]).mean() >= 0.5

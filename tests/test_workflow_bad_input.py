@@ -57,6 +57,11 @@ def test_bad_scans_fail_alone_and_name_patient_and_file(repo, real_data, tmp_pat
         assert f"patient {bad}" in error[-1] and path.name in error[-1], error[-1]
     # nothing half-written is left beside the stores
     assert not list(results.rglob(".*.tmp-*"))
+    # the failed run's patient flow names each failed patient, its step and the reason
+    failures = pd.read_csv(workdir / "logs" / "flow" / "flow_failures.tsv", sep="\t")
+    assert sorted(failures["patient"]) == ["empty1", "missing1", "trunc1"]
+    assert set(failures["failed_step"]) == {"ingest"} and failures["reason"].notna().all()
+    assert "flow_failures.tsv" in proc.stdout + proc.stderr
 
 
 def test_unknown_label_or_site_stops_before_any_job(repo, real_data, tmp_path):

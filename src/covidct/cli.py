@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from covidct import __version__
@@ -34,6 +35,8 @@ STAGES: dict[str, tuple[str, str]] = {
                                           "random init)"),
     "system": ("covidct.inference.system", "complete a trained model's folder into a trained "
                                            "system (plan.json, cox.json)"),
+    "import-weights": ("covidct.model.authors", "the authors' published COVID-19Net weights "
+                                                "(Keras 2 HDF5) into a trained system"),
     "predict-site": ("covidct.inference.site", "COVID-19 probability and 64-d feature for every "
                                                "patient of a site"),
     "evaluate": ("covidct.analysis.evaluate", "diagnostic metrics, ROC and calibration for one "
@@ -76,6 +79,7 @@ def _top_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")     # TensorFlow's C++ start-up chatter
     if not argv or argv[0] not in STAGES:
         _top_parser().parse_args(argv)  # prints help, version or the usage error and exits
         return 2

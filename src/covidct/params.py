@@ -107,12 +107,39 @@ class RoiParams:
               "and noise matter less between scanners (--no-antialias: the authors' plain resize)")
     allow_fallback: bool = option(
         False, "on a failed segmentation crop the body's bounding box instead of failing")
+    slice_rule: Literal["ends", "neighbours"] = option(
+        "ends", "slices of the box: ends (drop end slices under --min-area-fraction) or "
+                "neighbours (the authors': keep a slice only if it and both neighbours pass; the "
+                "box spans the kept slices)")
+    plane_box: Literal["kept_slices", "whole_mask"] = option(
+        "kept_slices", "in-plane box of the mask over the kept slices, or over the whole mask "
+                       "(the authors')")
+    drop_scan_ends: bool = option(
+        False, "leave the scan's first and last slice out of the box (the authors': their 2.5-D "
+               "segmenter has no neighbour there)")
+    clip_resized: bool = option(
+        False, "clip the resized ROI to the suppressed box's min and max, removing the cubic "
+               "overshoot (the authors')")
+    zscore: Literal["box", "resized"] = option(
+        "box", "z-score with the suppressed box's mean and sd (box) or the resized ROI's "
+               "(resized: the authors')")
+
+
+AUTHORS_ROI = {"slice_rule": "neighbours", "plane_box": "whole_mask", "drop_scan_ends": True,
+               "clip_resized": True, "zscore": "resized", "antialias": False}
+"""The RoiParams values of the authors' lung ROI (lungSegNet4seg19Conv.py, COVIDGenerator.py)."""
+
+ARCHITECTURES = ("covidct", "authors")
 
 
 @dataclass(frozen=True)
 class TrainParams:
     """Training COVID-19Net (EGFR pretraining, COVID-19 fine-tuning, random init)."""
 
+    architecture: Literal["covidct", "authors"] = option(
+        "covidct", "COVID-19Net's layer arrangement: authors (their myDense.py: pre-activation "
+                   "blocks, their layer names, their published weights load) or covidct "
+                   "(post-activation Conv-BN-ReLU throughout)")
     epochs: int = option(30, "training epochs")
     batch_size: int = option(4, "patients per batch")
     lr: float = option(0.005, "SGD learning rate")
@@ -240,7 +267,9 @@ class PrognosisParams:
         10.0, "at most one selected covariate per this many training discharges (0 = no cap)")
     penalizer: float = option(0.0, "lifelines L2 penalizer of a selected model (0 = plain Cox)")
     min_events: int = option(10, "fewest discharges the training patients need")
-    min_follow_up: float = option(0.0, "keep patients whose stay_days is at least this")
+    min_follow_up_days: float = option(
+        0.0, "keep the COVID-19 patients with at least this many days of follow-up (stay_days; "
+             "the paper: 5)")
     n_boot: int = option(1000, "bootstrap resamples for the C-index CI")
     seed: int = option(0, "seed of the bootstrap and the ridge cross-validation")
 

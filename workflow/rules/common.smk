@@ -6,11 +6,13 @@ import json
 import os
 import shlex
 import sys
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
 import pandas as pd
 from snakemake.logging import logger
+from snakemake_interface_executor_plugins.settings import DeploymentMethod
 from snakemake.utils import validate
 
 from covidct import params as P
@@ -44,10 +46,27 @@ if config_problems(config):
     )
 validate(config, str(CONFIG_SCHEMA))
 
-# Rules call `covidct`. Appending the bin folder of the Python running Snakemake (e.g. .venv/bin)
-# finds it even when the user did not activate the environment; appended, not prepended, so that
-# a rule's conda environment (--use-conda) still comes first.
-shell.prefix(f'export PATH="$PATH:{Path(sys.executable).parent}" TF_CPP_MIN_LOG_LEVEL=2; ')
+# Rules call `$COVIDCT STAGE ...`: under --use-conda the rule's environment's own covidct (each
+# env installs this checkout, ${COVIDCT_SOURCE}), else the Python that runs Snakemake (e.g.
+# .venv/bin/python, activated or not); a COVIDCT set beforehand (a container's, say) wins.
+# Environment variables, not a shell prefix, so that nothing reaches the rules of a workflow
+# that uses this one as a module.
+os.environ["COVIDCT_SOURCE"] = str(Path(workflow.current_basedir).parents[1].resolve())
+os.environ.setdefault(
+    "COVIDCT",
+    (
+        "covidct"
+        if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
+        else f"{shlex.quote(sys.executable)} -m covidct"
+    ),
+)
+
+
+envvars:
+    "COVIDCT",
+    "COVIDCT_SOURCE",
+
+
 # The hash of the effective config (the files merged, the schema's defaults filled) tags every
 # MLflow run. It reaches the jobs through the environment, not as a rule parameter, so editing
 # the config (e.g. adding a site) reruns only what the change touches.
@@ -58,7 +77,26 @@ SYNTHETIC = not config.get("samples")
 RESULTS = "results"
 TRAINING = config["training"]
 SEGMENTATION = config["segmentation"]
-TRACKING_PARAMS = P.from_config(P.TrackingParams, config["mlflow"])
+# Snakemake gives a module's `prefix:` to every input, output and log; the paths it does not see
+# (parameters, the tracking database, files written while parsing) get it from here.
+_PATH_MODIFIER = workflow.modifier.path_modifier
+
+
+def workdir_path(path):
+    """``path`` (relative to the working folder) where this workflow's rules write it."""
+    return _PATH_MODIFIER.replace_prefix(str(path))
+
+
+def tracking_in_workdir(params):
+    """A relative SQLite tracking database moved under the module's prefix, like results/."""
+    scheme = "sqlite:///"
+    uri = params.tracking_uri
+    if uri.startswith(scheme) and not uri[len(scheme) :].startswith("/"):
+        return replace(params, tracking_uri=scheme + workdir_path(uri[len(scheme) :]))
+    return params
+
+
+TRACKING_PARAMS = tracking_in_workdir(P.from_config(P.TrackingParams, config["mlflow"]))
 
 
 def stage_options(cls, section, exclude=()):
@@ -107,7 +145,13 @@ def flow_after_failure():
     from covidct.analysis.flow import write_flow
 
     try:
-        flow = write_flow(samples, Path(RESULTS) / "patients", Path("logs"), Path("logs/flow"))
+        flow = write_flow(
+            samples.reset_index(drop=True),
+            Path(RESULTS) / "patients",
+            Path("logs"),
+            Path("logs/flow"),
+            min_follow_up_days=config["prognosis"]["min_follow_up_days"],
+        )
     except Exception as err:  # never mask the run's own error
         logger.warning(f"covidct: no patient flow written ({type(err).__name__}: {err})")
         return
@@ -131,6 +175,8 @@ def _load_samples():
         sheet_path = "the synthetic cohort (config: synthetic)"
     else:
         table = read_sheet(config["samples"], SITES)
+        # absolute: a user's scans are never under a module's prefix
+        table["image"] = [str(Path(image).absolute()) for image in table["image"]]
         sheet_path = config["samples"]
     return check_sheet(table, SITES, path=sheet_path)
 
@@ -172,7 +218,9 @@ def _open_system():
     from covidct.io.results import PLAN_JSON
     from covidct.model.saved import is_model_uri
 
-    cache = Path(RESULTS) / "system" / "".join(c if c.isalnum() else "_" for c in source)
+    cache = (
+        Path(workdir_path(RESULTS)) / "system" / "".join(c if c.isalnum() else "_" for c in source)
+    )
     if is_model_uri(source) and (cache / PLAN_JSON).exists():
         system = open_system(cache)
         system.source = source
@@ -227,7 +275,7 @@ def training_discharges():
     """Discharges among the training sites' COVID-19 patients with follow-up."""
     rows = patients_of(TRAIN_SITES)
     follow = rows[(rows["label"] == "covid") & rows["stay_days"].notna()]
-    follow = follow[follow["stay_days"] >= config["prognosis"]["min_follow_up"]]
+    follow = follow[follow["stay_days"] >= config["prognosis"]["min_follow_up_days"]]
     return int((follow["discharged"].fillna(0) == 1).sum())
 
 
@@ -257,7 +305,7 @@ def _plan():
             (logger.warning if "not found" in line else logger.info)(f"covidct: {line}")
         from covidct.io.atomic import write_text
 
-        write_text("logs/workflow_plan.txt", "\n".join(lines) + "\n")
+        write_text(workdir_path("logs/workflow_plan.txt"), "\n".join(lines) + "\n")
     return plan
 
 
@@ -304,7 +352,7 @@ def write_site_sheet(site, path):
     from covidct.io.atomic import write_csv
 
     rows = samples[samples["site"] == site].drop(columns=["y"])
-    rows["image"] = [str(Path(image).absolute()) for image in rows["image"]]
+    rows["image"] = [str(Path(workdir_path(image)).absolute()) for image in rows["image"]]
     write_csv(path, rows, sep="\t")
     return len(rows)
 
@@ -350,9 +398,22 @@ def segmenter_model_input(wildcards):
     return [segmenter_model()] if SEGMENTATION["method"] == "fpn" else []
 
 
+if TRAINING["accelerator"] == "gpu" and TRAINING["backend"] != "jax":
+    raise CovidctError(
+        f"training.accelerator: gpu needs training.backend: jax (the GPU env, envs/gpu.yaml, "
+        f"has Keras on JAX with CUDA; {TRAINING['backend']} there would train on the CPU)",
+        path=CONFIG_FILES,
+    )
+
+
+def deep_env():
+    """The conda env of the rules that run networks: envs/gpu.yaml or envs/deep.yaml."""
+    return f"../../envs/{'gpu' if TRAINING['accelerator'] == 'gpu' else 'deep'}.yaml"
+
+
 def segment_env():
     if SEGMENTATION["method"] == "fpn":
-        return "../../envs/deep.yaml"
+        return deep_env()
     return "../../envs/preprocess.yaml"
 
 
@@ -378,9 +439,9 @@ def segmenter_pairs_flag(wildcards):
     pairs = _segmenter_pairs()
     return (
         "--images "
-        + " ".join(shlex.quote(i) for i, _ in pairs)
+        + " ".join(shlex.quote(workdir_path(i)) for i, _ in pairs)
         + " --masks "
-        + " ".join(shlex.quote(m) for _, m in pairs)
+        + " ".join(shlex.quote(workdir_path(m)) for _, m in pairs)
     )
 
 
@@ -408,9 +469,15 @@ def train_options(name, rule, sites, task, epochs_of=None, **changes):
     return f"--name {name} --task {task} {P.as_options(params)}{synthetic} {tags} {TRACKING}"
 
 
+def patients_folder(wildcards, input):
+    """results/patients, from the rule's ROI inputs (the stages find each store below it)."""
+    return Path(input.rois[0]).parents[2]
+
+
 TRAIN_SHELL = (
-    "KERAS_BACKEND={params.backend} covidct train --sheet {input.sheets} --rois {input.rois}"
-    " --out {params.out} {params.init} {params.options} > {log} 2>&1"
+    "KERAS_BACKEND={params.backend} $COVIDCT train --sheet {input.sheets}"
+    " --patients {params.patients} --out {params.out} {params.init} {params.options}"
+    " --threads {threads} > {log} 2>&1"
 )
 MODELS = f"{RESULTS}/models"
 

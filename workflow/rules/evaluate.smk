@@ -15,14 +15,18 @@ for _model in EVAL_DIRS:
             eval_file(_model, "predictions.csv"),
         log:
             f"logs/predict/{_model}/{{site}}.log",
+        benchmark:
+            f"logs/benchmark/predict_{_model}/{{site}}.tsv"
         conda:
-            "../../envs/deep.yaml"
+            deep_env()
         params:
             backend=TRAINING["backend"],
             model_name=_model,
+            patients=patients_folder,
         shell:
-            "KERAS_BACKEND={params.backend} covidct predict-site --model {input.model}"
-            " --sheet {input.sheet} --site {wildcards.site} --rois {input.rois} --out {output}"
+            "KERAS_BACKEND={params.backend} $COVIDCT predict-site --model {input.model}"
+            " --sheet {input.sheet} --site {wildcards.site} --patients {params.patients}"
+            " --out {output}"
             " --model-name {params.model_name} > {log} 2>&1"
 
     rule:
@@ -57,6 +61,8 @@ for _model in EVAL_DIRS:
             ),
         log:
             f"logs/evaluate/{_model}/{{site}}.log",
+        benchmark:
+            f"logs/benchmark/evaluate_{_model}/{{site}}.tsv"
         conda:
             "../../envs/stats.yaml"
         params:
@@ -66,10 +72,10 @@ for _model in EVAL_DIRS:
             youden=youden_flag,
             role=lambda wc: site_role(wc.site),
             model_name=_model,
-            model_dir=Path(model_file(_model)).parent,
+            model_dir=workdir_path(Path(model_file(_model)).parent),
             tracking=TRACKING,
         shell:
-            "covidct evaluate {input.predictions} {params.outdir} {params.options}"
+            "$COVIDCT evaluate {input.predictions} {params.outdir} {params.options}"
             " {params.youden} {params.subgroups} --sheet {input.sheet}"
             " --site {wildcards.site} --role {params.role}"
             " --model-name {params.model_name} --model-dir {params.model_dir}"
@@ -108,6 +114,8 @@ if PLAN.model:
             subgroups_csv=f"{RESULTS}/tables/table_subgroups.csv",
         log:
             "logs/tables.log",
+        benchmark:
+            "logs/benchmark/tables.tsv"
         conda:
             "../../envs/stats.yaml"
         params:
@@ -118,5 +126,5 @@ if PLAN.model:
             ),
             tracking=TRACKING,
         shell:
-            "covidct tables --metrics {input.metrics} {params.ablation}"
+            "$COVIDCT tables --metrics {input.metrics} {params.ablation}"
             " --out-dir {params.out_dir} {params.options} {params.tracking} > {log} 2>&1"

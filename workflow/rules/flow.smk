@@ -17,13 +17,18 @@ rule flow:
         table1_csv=f"{RESULTS}/tables/table1.csv",
     log:
         "logs/flow.log",
+    benchmark:
+        "logs/benchmark/flow.tsv"
     conda:
         "../../envs/stats.yaml"
     params:
         out_dir=lambda wc, output: Path(output.flow).parent,
         models=lambda wc, input: " ".join(str(Path(r).parent) for r in input.runs),
         patients=lambda wc, input: Path(input.rois[0]).parents[2],
+        min_follow_up_days=config["prognosis"]["min_follow_up_days"],
+        logs=workdir_path("logs"),
         tracking=TRACKING,
     shell:
-        "covidct flow --sheets {input.sheets} --patients {params.patients} --logs logs"
-        " --models {params.models} --out-dir {params.out_dir} {params.tracking} > {log} 2>&1"
+        "$COVIDCT flow --sheets {input.sheets} --patients {params.patients} --logs {params.logs}"
+        " --models {params.models} --out-dir {params.out_dir}"
+        " --min-follow-up-days {params.min_follow_up_days} {params.tracking} > {log} 2>&1"

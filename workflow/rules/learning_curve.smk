@@ -19,14 +19,17 @@ for _fraction in LEARNING_CURVE:
                 val=f"{MODELS}/{_name}/val_predictions.csv",
             log:
                 f"logs/train/{_name}.log",
+            benchmark:
+                f"logs/benchmark/train_{_name}.tsv"
             conda:
-                "../../envs/deep.yaml"
+                deep_env()
             threads: TRAINING["threads"]
             resources:
                 gpu=1,
             params:
                 backend=TRAINING["backend"],
                 out=lambda wc, output: Path(output.model).parent,
+                patients=patients_folder,
                 init=finetune_init_flag if _base == "finetune_covid" else "",
                 options=train_options(
                     _name,
@@ -50,14 +53,17 @@ for _fraction in LEARNING_CURVE:
                 f"{RESULTS}/learning_curve/{_name}/{{site}}/predictions.csv",
             log:
                 f"logs/predict/{_name}/{{site}}.log",
+            benchmark:
+                f"logs/benchmark/predict_{_name}/{{site}}.tsv"
             conda:
-                "../../envs/deep.yaml"
+                deep_env()
             params:
                 backend=TRAINING["backend"],
                 model_name=_name,
+                patients=patients_folder,
             shell:
-                "KERAS_BACKEND={params.backend} covidct predict-site --model {input.model}"
-                " --sheet {input.sheet} --site {wildcards.site} --rois {input.rois}"
+                "KERAS_BACKEND={params.backend} $COVIDCT predict-site --model {input.model}"
+                " --sheet {input.sheet} --site {wildcards.site} --patients {params.patients}"
                 " --out {output} --model-name {params.model_name} > {log} 2>&1"
 
 
@@ -80,15 +86,17 @@ if LEARNING_CURVE:
             ),
         log:
             "logs/learning_curve.log",
+        benchmark:
+            "logs/benchmark/learning_curve.tsv"
         conda:
             "../../envs/stats.yaml"
         params:
             points=lambda wc: " ".join(
-                f"--point {shlex.quote(name)} {fraction} {pre} {rnd}"
+                f"--point {shlex.quote(name)} {fraction} {workdir_path(pre)} {workdir_path(rnd)}"
                 for name, fraction, pre, rnd in curve_points(wc)
             ),
             out_dir=lambda wc, output: Path(output.csv).parent,
             tracking=TRACKING,
         shell:
-            "covidct learning-curve {params.points} --out-dir {params.out_dir}"
+            "$COVIDCT learning-curve {params.points} --out-dir {params.out_dir}"
             " {params.tracking} > {log} 2>&1"

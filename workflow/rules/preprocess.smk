@@ -9,15 +9,17 @@ rule ingest:
         ct=directory(f"{RESULTS}/patients/{{site}}/{{patient}}/ct.zarr"),
     log:
         "logs/ingest/{site}/{patient}.log",
+    benchmark:
+        "logs/benchmark/ingest/{site}/{patient}.tsv"
     group:
         "preprocess"
     conda:
         "../../envs/preprocess.yaml"
     params:
-        image=lambda wc: samples.loc[wc.patient, "image"],
+        image=lambda wc: workdir_path(samples.loc[wc.patient, "image"]),
         options=stage_options(P.IngestParams, config["ingest"]),
     shell:
-        "covidct ingest {params.image:q} {output.ct} --patient {wildcards.patient}"
+        "$COVIDCT ingest {params.image:q} {output.ct} --patient {wildcards.patient}"
         " {params.options} > {log} 2>&1"
 
 
@@ -29,6 +31,8 @@ rule segment:
         lung=directory(f"{RESULTS}/patients/{{site}}/{{patient}}/lung.zarr"),
     log:
         "logs/segment/{site}/{patient}.log",
+    benchmark:
+        "logs/benchmark/segment/{site}/{patient}.tsv"
     group:
         "preprocess"
     conda:
@@ -38,7 +42,7 @@ rule segment:
         model=lambda wc, input: f"--model {input.model[0]}" if input.model else "",
         options=stage_options(P.ThresholdParams, SEGMENTATION["threshold"]),
     shell:
-        "covidct segment {input.ct} {output.lung} --method {params.method} {params.model}"
+        "$COVIDCT segment {input.ct} {output.lung} --method {params.method} {params.model}"
         " {params.options} --patient {wildcards.patient} > {log} 2>&1"
 
 
@@ -51,6 +55,8 @@ rule roi:
         qc=f"{RESULTS}/patients/{{site}}/{{patient}}/qc.png",
     log:
         "logs/roi/{site}/{patient}.log",
+    benchmark:
+        "logs/benchmark/roi/{site}/{patient}.tsv"
     group:
         "preprocess"
     conda:
@@ -58,13 +64,14 @@ rule roi:
     params:
         options=stage_options(P.RoiParams, config["roi"]),
     shell:
-        "covidct roi {input.ct} {input.lung} {output.roi} --qc {output.qc} {params.options}"
+        "$COVIDCT roi {input.ct} {input.lung} {output.roi} --qc {output.qc} {params.options}"
         " --patient {wildcards.patient} --site {wildcards.site} > {log} 2>&1"
 
 
 rule qc_summary:
     input:
         rois=[f"{patient_dir(r)}/roi.zarr" for r in samples.itertuples()],
+        sheets=site_sheets(list(dict.fromkeys(samples["site"]))),
     output:
         report(
             f"{RESULTS}/tables/qc_summary.tsv",
@@ -73,10 +80,15 @@ rule qc_summary:
         ),
     log:
         "logs/qc_summary.log",
+    benchmark:
+        "logs/benchmark/qc_summary.tsv"
     conda:
         "../../envs/preprocess.yaml"
+    params:
+        patients=patients_folder,
     shell:
-        "covidct qc-summary {input.rois} --out {output} > {log} 2>&1"
+        "$COVIDCT qc-summary --sheets {input.sheets} --patients {params.patients}"
+        " --out {output} > {log} 2>&1"
 
 
 if SEGMENTATION["method"] == "fpn" and not SEGMENTATION["model"]:
@@ -90,8 +102,10 @@ if SEGMENTATION["method"] == "fpn" and not SEGMENTATION["model"]:
             run=f"{RESULTS}/models/lung_fpn/run.json",
         log:
             "logs/train/lung_fpn.log",
+        benchmark:
+            "logs/benchmark/train_lung_segmenter.tsv"
         conda:
-            "../../envs/deep.yaml"
+            deep_env()
         threads: TRAINING["threads"]
         resources:
             gpu=1,
@@ -103,5 +117,6 @@ if SEGMENTATION["method"] == "fpn" and not SEGMENTATION["model"]:
             backend=TRAINING["backend"],
             tracking=TRACKING,
         shell:
-            "KERAS_BACKEND={params.backend} covidct train-segmenter {params.pairs} --out {params.out}"
-            " {params.options} {params.weights} {params.tracking} > {log} 2>&1"
+            "KERAS_BACKEND={params.backend} $COVIDCT train-segmenter {params.pairs} --out {params.out}"
+            " {params.options} {params.weights} --threads {threads} {params.tracking}"
+            " > {log} 2>&1"

@@ -25,6 +25,8 @@ if PLAN.cox_fit:
             logrank=expand(f"{RESULTS}/prognosis/{{site}}/logrank.json", site=COX_SITES),
         log:
             "logs/prognosis.log",
+        benchmark:
+            "logs/benchmark/prognosis.tsv"
         conda:
             "../../envs/stats.yaml"
         params:
@@ -34,7 +36,7 @@ if PLAN.cox_fit:
             tables_dir=lambda wc, output: Path(output.table_s3).parent,
             tracking=TRACKING,
         shell:
-            "covidct prognosis --train {input.train} {params.validate} --sheet {input.sheets}"
+            "$COVIDCT prognosis --train {input.train} {params.validate} --sheet {input.sheets}"
             " --out-dir {params.out_dir} --tables-dir {params.tables_dir} {params.options}"
             " {params.tracking} > {log} 2>&1"
 
@@ -55,14 +57,16 @@ elif PLAN.cox_apply:
             logrank=expand(f"{RESULTS}/prognosis/{{site}}/logrank.json", site=COX_SITES),
         log:
             "logs/prognosis.log",
+        benchmark:
+            "logs/benchmark/prognosis.tsv"
         conda:
             "../../envs/stats.yaml"
         params:
             options=stage_options(P.PrognosisParams, config["prognosis"]),
-            out_dir=f"{RESULTS}/prognosis",
+            out_dir=workdir_path(f"{RESULTS}/prognosis"),
             tracking=TRACKING,
         shell:
-            "covidct prognosis --cox {input.cox} --validate {input.validate} --sheet {input.sheets}"
+            "$COVIDCT prognosis --cox {input.cox} --validate {input.validate} --sheet {input.sheets}"
             " --out-dir {params.out_dir} {params.options} {params.tracking} > {log} 2>&1"
 
 
@@ -84,14 +88,17 @@ if PLAN.model:
             saliency=f"{RESULTS}/explain/saliency_in_lung.csv",
         log:
             "logs/explain.log",
+        benchmark:
+            "logs/benchmark/explain.tsv"
         conda:
-            "../../envs/deep.yaml"
+            deep_env()
         params:
             backend=TRAINING["backend"],
             options=stage_options(P.ExplainParams, config["explain"]),
             out_dir=lambda wc, output: Path(output.pca).parent,
+            patients=patients_folder,
             tracking=TRACKING,
         shell:
-            "KERAS_BACKEND={params.backend} covidct explain --model {input.model} --rois {input.rois}"
-            " --lungs {input.lungs} --cts {input.cts} --predictions {input.predictions} --out-dir {params.out_dir}"
-            " {params.options} {params.tracking} > {log} 2>&1"
+            "KERAS_BACKEND={params.backend} $COVIDCT explain --model {input.model}"
+            " --patients {params.patients} --predictions {input.predictions}"
+            " --out-dir {params.out_dir} {params.options} {params.tracking} > {log} 2>&1"

@@ -10,6 +10,8 @@ if SYNTHETIC:
             mask=f"{RESULTS}/synth/{{site}}/{{patient}}/lung_mask.nii.gz",
         log:
             "logs/synth/{site}/{patient}.log",
+        benchmark:
+            "logs/benchmark/synth/{site}/{patient}.tsv"
         wildcard_constraints:
             site=synth_sites("dicom"),
         group:
@@ -19,7 +21,7 @@ if SYNTHETIC:
         params:
             spec=synth_spec,
         shell:
-            "covidct synth --spec {params.spec} --image {output.image} --mask {output.mask} > {log} 2>&1"
+            "$COVIDCT synth --spec {params.spec} --image {output.image} --mask {output.mask} > {log} 2>&1"
 
     rule synth_nifti:
         output:
@@ -27,6 +29,8 @@ if SYNTHETIC:
             mask=f"{RESULTS}/synth/{{site}}/{{patient}}/lung_mask.nii.gz",
         log:
             "logs/synth/{site}/{patient}.log",
+        benchmark:
+            "logs/benchmark/synth/{site}/{patient}.tsv"
         wildcard_constraints:
             site=synth_sites("nifti"),
         group:
@@ -36,7 +40,7 @@ if SYNTHETIC:
         params:
             spec=synth_spec,
         shell:
-            "covidct synth --spec {params.spec} --image {output.image} --mask {output.mask} > {log} 2>&1"
+            "$COVIDCT synth --spec {params.spec} --image {output.image} --mask {output.mask} > {log} 2>&1"
 
 
 localrules:

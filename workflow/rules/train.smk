@@ -19,14 +19,17 @@ if PLAN.pretrain:
             ),
         log:
             "logs/train/pretrain_egfr.log",
+        benchmark:
+            "logs/benchmark/pretrain_egfr.tsv"
         conda:
-            "../../envs/deep.yaml"
+            deep_env()
         threads: TRAINING["threads"]
         resources:
             gpu=1,
         params:
             backend=TRAINING["backend"],
             out=lambda wc, output: Path(output.model).parent,
+            patients=patients_folder,
             init="",
             options=train_options("pretrain_egfr", "pretrain_egfr", PRETRAIN_SITES, "egfr"),
         shell:
@@ -51,14 +54,17 @@ if PLAN.finetune:
             val=f"{RESULTS}/models/finetune_covid/val_predictions.csv",
         log:
             "logs/train/finetune_covid.log",
+        benchmark:
+            "logs/benchmark/finetune_covid.tsv"
         conda:
-            "../../envs/deep.yaml"
+            deep_env()
         threads: TRAINING["threads"]
         resources:
             gpu=1,
         params:
             backend=TRAINING["backend"],
             out=lambda wc, output: Path(output.model).parent,
+            patients=patients_folder,
             init=finetune_init_flag,
             options=train_options("finetune_covid", "finetune_covid", TRAIN_SITES, "covid"),
         shell:
@@ -78,14 +84,17 @@ if PLAN.ablation:
             val=f"{RESULTS}/models/random_init/val_predictions.csv",
         log:
             "logs/train/random_init.log",
+        benchmark:
+            "logs/benchmark/train_random_init.tsv"
         conda:
-            "../../envs/deep.yaml"
+            deep_env()
         threads: TRAINING["threads"]
         resources:
             gpu=1,
         params:
             backend=TRAINING["backend"],
             out=lambda wc, output: Path(output.model).parent,
+            patients=patients_folder,
             init="",
             options=train_options("random_init", "train_random_init", TRAIN_SITES, "covid"),
         shell:
@@ -107,6 +116,8 @@ if PLAN.finetune:
             plan=f"{MODELS}/finetune_covid/plan.json",
         log:
             "logs/train/trained_system.log",
+        benchmark:
+            "logs/benchmark/trained_system.tsv"
         conda:
             "../../envs/stats.yaml"
         params:
@@ -118,6 +129,6 @@ if PLAN.finetune:
             ),
             tracking=TRACKING,
         shell:
-            "covidct system {params.folder} --threshold {params.threshold}"
+            "$COVIDCT system {params.folder} --threshold {params.threshold}"
             " --youden-from {input.train} {params.cox} {params.segmenter} {params.tracking}"
             " > {log} 2>&1"

@@ -21,7 +21,7 @@ import pandas as pd
 from covidct.errors import CovidctError
 from covidct.io.atomic import write_csv, write_text
 from covidct.io.results import read_run
-from covidct.params import TrackingParams, add_options, from_args
+from covidct.params import PrognosisParams, TrackingParams, add_options, from_args
 
 log = logging.getLogger(__name__)
 
@@ -84,17 +84,22 @@ def training_use(model_dirs: Sequence[Path], sheet: pd.DataFrame) -> pd.DataFram
     return pd.DataFrame(rows, columns=["site", "patient", "use"]).drop_duplicates()
 
 
-def has_follow_up(sheet: pd.DataFrame) -> pd.Series:
-    """COVID-19 patients with a hospital stay and a discharge flag (the prognosis' patients)."""
+def has_follow_up(sheet: pd.DataFrame, min_follow_up_days: float = 0.0) -> pd.Series:
+    """COVID-19 patients with a hospital stay of at least ``min_follow_up_days`` and a
+    discharge flag (the prognosis' patients, by its ``min_follow_up_days`` rule)."""
     stay = pd.to_numeric(sheet.get("stay_days"), errors="coerce")
     discharged = pd.to_numeric(sheet.get("discharged"), errors="coerce")
-    return (sheet["label"] == "covid") & stay.notna() & discharged.notna()
+    return ((sheet["label"] == "covid") & stay.notna() & discharged.notna()
+            & (stay >= min_follow_up_days))
 
 
 # --------------------------------------------------------------------------- tables
-def flow_table(sheet: pd.DataFrame, status: pd.DataFrame, use: pd.DataFrame) -> pd.DataFrame:
-    """One row per site (in sheet order) and a total: the FLOW_COLUMNS counts."""
-    frame = status.merge(sheet[["site", "patient"]].assign(follow_up=has_follow_up(sheet)),
+def flow_table(sheet: pd.DataFrame, status: pd.DataFrame, use: pd.DataFrame,
+               min_follow_up_days: float = 0.0) -> pd.DataFrame:
+    """One row per site (in sheet order) and a total: the FLOW_COLUMNS counts ("with
+    follow-up" by the prognosis' ``min_follow_up_days`` rule)."""
+    follow_up = has_follow_up(sheet, min_follow_up_days)
+    frame = status.merge(sheet[["site", "patient"]].assign(follow_up=follow_up),
                          on=["site", "patient"])
     frame = frame.merge(use, on=["site", "patient"], how="left")
     rows = []
@@ -177,17 +182,19 @@ def cohort_status(sheet: pd.DataFrame, patients: Path, logs: Path) -> pd.DataFra
 
 
 def write_flow(sheet: pd.DataFrame, patients: Path, logs: Path, out_dir: Path,
-               model_dirs: Sequence[Path] = ()) -> pd.DataFrame:
+               model_dirs: Sequence[Path] = (), min_follow_up_days: float = 0.0) -> pd.DataFrame:
     """flow.tsv/flow.md and flow_failures.tsv (patient, site, step, reason) into ``out_dir``."""
     from covidct.analysis.tables import to_markdown
 
     status = cohort_status(sheet, patients, logs)
-    flow = flow_table(sheet, status, training_use(model_dirs, sheet))
+    flow = flow_table(sheet, status, training_use(model_dirs, sheet), min_follow_up_days)
+    rule = f" of at least {min_follow_up_days:g} days" if min_follow_up_days > 0 else ""
     write_csv(out_dir / "flow.tsv", flow, sep="\t")
     write_text(out_dir / "flow.md", to_markdown(
         flow, index=False, caption="Patient flow per site: in the sample sheet, through each "
                                    "preprocessing step, and used for training, internal "
-                                   "validation and the prognosis (follow-up)."))
+                                   f"validation and the prognosis (COVID-19 with follow-up"
+                                   f"{rule})."))
     failures = status.loc[status["failed_step"].notna(),
                           ["site", "patient", "failed_step", "reason"]]
     write_csv(out_dir / "flow_failures.tsv", failures, sep="\t")
@@ -208,6 +215,10 @@ def add_arguments(parser) -> None:
                         help="folders of the trained models (run.json, val_predictions.csv)")
     parser.add_argument("--out-dir", required=True, type=Path,
                         help="folder for flow.tsv/.md, flow_failures.tsv, table1.csv/.md")
+    parser.add_argument("--min-follow-up-days", type=float,
+                        default=PrognosisParams.min_follow_up_days,
+                        help="count as 'with follow-up' the COVID-19 patients with at least "
+                             "this many days (the prognosis' rule; default %(default)s)")
     add_options(parser, TrackingParams)
 
 
@@ -217,7 +228,8 @@ def run(args) -> int:
 
     sheet = pd.concat([read_sheet(p) for p in args.sheets], ignore_index=True)
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    flow = write_flow(sheet, args.patients, args.logs, args.out_dir, args.models)
+    flow = write_flow(sheet, args.patients, args.logs, args.out_dir, args.models,
+                      args.min_follow_up_days)
     t1 = table1(sheet)
     write_csv(args.out_dir / "table1.csv", t1, index=True)
     write_text(args.out_dir / "table1.md", to_markdown(

@@ -135,12 +135,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # --------------------------------------------------------------------------- data
 
 def load_cohort(train: Sequence[Path], validate: Sequence[Path], sheet_path: Path,
-                min_follow_up: float = 0.0) -> tuple[pd.DataFrame, list[str], list[str], dict]:
-    """Join predictions with the sheet; returns ``(cohort, features, sites, notes)``.
+                min_follow_up_days: float = PrognosisParams.min_follow_up_days,
+                ) -> tuple[pd.DataFrame, list[str], list[str], dict, dict]:
+    """Join predictions with the sheet; returns ``(cohort, features, sites, notes, short)``.
 
-    ``cohort`` holds the COVID-19 patients with follow-up (columns patient, site, role,
-    stay_days, discharged, age, sex (0/1), comorbidity, feature_*); ``sites`` lists every site of
-    the inputs, training sites first; ``notes`` maps site -> list of notes (exclusions, ...).
+    ``cohort`` holds the COVID-19 patients with at least ``min_follow_up_days`` of follow-up
+    (columns patient, site, role, stay_days, discharged, age, sex (0/1), comorbidity,
+    feature_*); ``sites`` lists every site of the inputs, training sites first; ``notes`` maps
+    site -> list of notes (exclusions, ...); ``short`` maps site -> the number of COVID-19
+    patients left out for a shorter follow-up.
     """
     from covidct.io.sheet import read_sheet
 
@@ -171,6 +174,7 @@ def load_cohort(train: Sequence[Path], validate: Sequence[Path], sheet_path: Pat
     sites = ([s for s in dict.fromkeys(preds["site"]) if roles[s] == "train"]
              + [s for s in dict.fromkeys(preds["site"]) if roles[s] == "validate"])
     notes: dict[str, list[str]] = {s: [] for s in sites}
+    short = dict.fromkeys(sites, 0)
     rows = []
     for rec in preds.itertuples(index=False):
         rec = rec._asdict()
@@ -189,7 +193,8 @@ def load_cohort(train: Sequence[Path], validate: Sequence[Path], sheet_path: Pat
                                path=sheet_path)
         if int(event) not in (0, 1):
             raise CovidctError(f"discharged {event} is not 0 or 1", patient=pid, path=sheet_path)
-        if stay < min_follow_up:
+        if stay < min_follow_up_days:
+            short[rec["site"]] += 1
             continue
         try:
             sex = code_sex(info["sex"])
@@ -215,11 +220,19 @@ def load_cohort(train: Sequence[Path], validate: Sequence[Path], sheet_path: Pat
         n_covid = int(((preds["site"] == site) & (preds["y"].astype(int) == 1)).sum())
         n_kept = int((cohort["site"] == site).sum())
         if n_kept < n_covid:
-            why = "empty stay_days/discharged" + (f" or stay_days < {min_follow_up:g}"
-                                                  if min_follow_up > 0 else "")
+            why = "empty stay_days/discharged" + (
+                f"; {short[site]} with stay_days < {min_follow_up_days:g}"
+                if min_follow_up_days > 0 else "")
             notes[site].append(f"{n_covid - n_kept} of {n_covid} COVID-19 patients have no "
                                f"usable follow-up ({why}) and are left out")
-    return cohort, features, sites, notes
+    return cohort, features, sites, notes, short
+
+
+def follow_up_record(min_follow_up_days: float, short: dict[str, int]) -> dict:
+    """The follow-up rule of the prognosis cohort and how many patients it left out, per site."""
+    return {"min_follow_up_days": float(min_follow_up_days),
+            "excluded_short_follow_up": {s: int(n) for s, n in short.items()},
+            "n_excluded_short_follow_up": int(sum(short.values()))}
 
 
 # --------------------------------------------------------------------------- outputs
@@ -416,8 +429,9 @@ def site_notes(stats: dict, notes: Sequence[str]) -> list[str]:
 
 
 def fit_and_record(cohort: pd.DataFrame, features, sites, params: PrognosisParams, out: Path,
-                   tables_dir: Path) -> dict:
-    """Fit the Cox model on the cohort's training patients; writes cox.json and Table S3."""
+                   tables_dir: Path, follow_up: dict | None = None) -> dict:
+    """Fit the Cox model on the cohort's training patients; writes cox.json (with the
+    ``follow_up`` record of :func:`follow_up_record`) and Table S3."""
     from covidct.analysis import survival
 
     train = cohort[cohort["role"] == "train"].reset_index(drop=True)
@@ -431,6 +445,7 @@ def fit_and_record(cohort: pd.DataFrame, features, sites, params: PrognosisParam
              ", ".join(cox["names"]), cox["cutoff"], DIRECTION)
     c, ci = survival.c_index_ci(train[DURATION], train_risk, train[EVENT], n_boot=params.n_boot,
                                 seed=params.seed)
+    cox["follow_up"] = follow_up or follow_up_record(params.min_follow_up_days, {})
     cox["training"].update({"sites": [s for s in sites if (cohort.loc[cohort.site == s, "role"]
                                                            == "train").any()],
                             "c_index": c, "c_index_ci": ci})
@@ -452,8 +467,12 @@ def run(args: argparse.Namespace) -> int:
     tracking = from_args(TrackingParams, args)
     if not args.train and args.cox is None:
         raise CovidctError("give --train (fit a Cox model) or --cox (apply one)")
-    cohort, features, sites, notes = load_cohort(args.train or [], args.validate, args.sheet,
-                                                 params.min_follow_up)
+    cohort, features, sites, notes, short = load_cohort(
+        args.train or [], args.validate, args.sheet, params.min_follow_up_days)
+    follow_up = follow_up_record(params.min_follow_up_days, short)
+    log.info("follow-up rule: at least %g days; %d COVID-19 patient(s) with a shorter follow-up "
+             "left out (%s)", params.min_follow_up_days, follow_up["n_excluded_short_follow_up"],
+             ", ".join(f"{s} {n}" for s, n in short.items()) or "no site")
     out, tables_dir = Path(args.out_dir), Path(args.tables_dir)
     if args.cox is not None:
         cox = read_cox(args.cox)
@@ -461,7 +480,7 @@ def run(args: argparse.Namespace) -> int:
                  ", ".join(sites))
         training_sites = []
     else:
-        cox = fit_and_record(cohort, features, sites, params, out, tables_dir)
+        cox = fit_and_record(cohort, features, sites, params, out, tables_dir, follow_up)
         training_sites = cox["training"]["sites"]
 
     for site in sites:
@@ -469,6 +488,8 @@ def run(args: argparse.Namespace) -> int:
         role = "train" if site in training_sites else "validate"
         stats, fitters = site_result(sub, cox, n_boot=params.n_boot, seed=params.seed)
         stats = {"site": site, "role": role, **stats,
+                 "min_follow_up_days": follow_up["min_follow_up_days"],
+                 "excluded_short_follow_up": short.get(site, 0),
                  "notes": site_notes(stats, notes.get(site, []))}
         for n in stats["notes"]:
             log.warning("site %s: %s", site, n)

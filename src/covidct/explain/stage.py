@@ -25,6 +25,7 @@ import pandas as pd
 from covidct.errors import CovidctError
 from covidct.io.atomic import write_csv
 from covidct.io.results import read_predictions
+from covidct.io.stores import add_store_arguments, stores_for
 from covidct.params import ExplainParams, TrackingParams, add_options, from_args
 
 log = logging.getLogger(__name__)
@@ -237,8 +238,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--predictions", nargs="+", required=True, type=Path,
                         metavar="PREDICTIONS.csv",
                         help="results/eval/{site}/predictions.csv (classes, features, sites)")
-    parser.add_argument("--rois", nargs="+", required=True, type=Path, metavar="ROI.zarr",
-                        help="the patients' roi.zarr stores")
+    add_store_arguments(parser, "--rois", "roi", "patients' roi.zarr")
     parser.add_argument("--lungs", nargs="*", default=None, type=Path, metavar="LUNG.zarr",
                         help="lung masks in the order of --rois (default: lung.zarr beside "
                              "each roi.zarr)")
@@ -252,6 +252,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.rois is None:                 # --patients: the stores of the predictions' patients
+        from covidct.io.results import read_predictions
+
+        args.rois = stores_for(read_predictions(args.predictions), args.patients, "roi")
     explain(args.model, args.predictions, patient_stores(args.rois, args.lungs, args.cts),
             Path(args.out_dir), from_args(ExplainParams, args), from_args(TrackingParams, args),
             args.config)

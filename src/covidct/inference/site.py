@@ -13,7 +13,7 @@ import pandas as pd
 
 from covidct.errors import CovidctError
 from covidct.io.results import prediction_table, write_predictions
-from covidct.io.stores import open_roi, store_patient
+from covidct.io.stores import add_store_arguments, open_roi, store_patient, stores_for
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +109,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--sheet", required=True, nargs="+", type=Path,
                         help="sample sheet(s) (TSV), e.g. the site's sheet")
     parser.add_argument("--site", required=True, help="the site these patients belong to")
-    parser.add_argument("--rois", required=True, nargs="+", type=Path, metavar="ROI.zarr",
-                        help="the site's roi.zarr stores")
+    add_store_arguments(parser, "--rois", "roi", "site's roi.zarr")
     parser.add_argument("--out", required=True, type=Path, help="predictions.csv to write")
     parser.add_argument("--batch-size", type=int, default=4, help="patients per batch (4)")
     parser.add_argument("--threads", type=int, default=4, help="threads reading ROI stores (4)")
@@ -123,7 +122,8 @@ def run(args) -> int:
     from covidct.io.sheet import check_sheet, read_sheet
 
     sheet = check_sheet(read_sheet(args.sheet), path=args.sheet)
-    table = predict_site(args.model, sheet, args.site, args.rois, batch_size=args.batch_size,
+    rois = args.rois or stores_for(sheet[sheet["site"] == args.site], args.patients, "roi")
+    table = predict_site(args.model, sheet, args.site, rois, batch_size=args.batch_size,
                          model_name=args.model_name, threads=args.threads)
     write_predictions(args.out, table)
     log.info("wrote %s (%d patients, %d COVID-19)", args.out, len(table), int(table["y"].sum()))

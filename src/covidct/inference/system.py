@@ -55,6 +55,11 @@ class System:
         return self.plan["preprocessing"]
 
     @property
+    def architecture(self) -> str | None:
+        """COVID-19Net's arrangement (``authors``/``covidct``; None in plans before it)."""
+        return self.plan.get("architecture")
+
+    @property
     def synthetic(self) -> bool:
         return bool((self.plan.get("training_data") or {}).get("synthetic"))
 
@@ -109,6 +114,7 @@ def assemble(folder: str | Path, *, threshold: float, youden_from=(), cox: Path 
     plan = {
         "model": "model.keras",
         "input_shape": run["input_shape"],
+        "architecture": run.get("architecture"),
         "preprocessing": preprocessing,
         "evaluation": {"threshold": float(threshold),
                        "youden_threshold": None if youden is None else youden["threshold"],

@@ -183,3 +183,31 @@ def read_label(path: str | Path, name: str) -> np.ndarray | None:
         return np.asarray(root[f"labels/{name}/0"][...])
     except KeyError:
         return None
+
+
+# --------------------------------------------------------------------------- the patients' folder
+# The workflow keeps every patient's stores in PATIENTS/{site}/{patient}/: the stages that read
+# many of them take that folder (--patients) and the sheet instead of one path per store, so no
+# command line grows with the cohort.
+STORE_NAMES = {"ct": "ct.zarr", "lung": "lung.zarr", "roi": "roi.zarr"}
+
+
+def patient_store(patients: str | Path, site: str, patient: str, kind: str = "roi") -> Path:
+    """The ``kind`` store (ct, lung or roi) of one patient below the patients' folder."""
+    return Path(patients) / str(site) / str(patient) / STORE_NAMES[kind]
+
+
+def add_store_arguments(parser, flag: str = "--rois", kind: str = "roi", what: str = "") -> None:
+    """``flag STORE...`` or ``--patients DIR`` (one of them): the stores a stage reads."""
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument(flag, nargs="+", type=Path, default=None, metavar=STORE_NAMES[kind],
+                       help=f"the {what or kind} stores, one per patient")
+    group.add_argument("--patients", type=Path, default=None, metavar="DIR",
+                       help=f"instead of {flag}: the patients' folder, read as "
+                            f"DIR/{{site}}/{{patient}}/{STORE_NAMES[kind]} for the patients of "
+                            "the sheet or predictions")
+
+
+def stores_for(rows, patients: str | Path, kind: str = "roi") -> list[Path]:
+    """The ``kind`` store of every row (site, patient) of a sheet or predictions table."""
+    return [patient_store(patients, r.site, r.patient, kind) for r in rows.itertuples()]

@@ -51,7 +51,7 @@ def config_hash(config: Mapping[str, Any] | str | Path | None = None) -> str:
     if config is None:
         return os.environ.get(CONFIG_HASH_ENV) or "none"
     if isinstance(config, (str, Path)):
-        text = Path(config).read_text() if Path(config).exists() else str(config)
+        text = Path(config).read_text(encoding="utf-8") if Path(config).exists() else str(config)
         try:
             import yaml
 
@@ -151,8 +151,10 @@ def standard_tags(config: Mapping[str, Any] | str | Path | None = None) -> dict[
 @contextmanager
 def mlflow_run(tracking: TrackingParams, run_name: str, *,
                tags: Mapping[str, Any] | None = None, params: Mapping[str, Any] | None = None,
-               config: Mapping[str, Any] | str | Path | None = None) -> Iterator[Any]:
+               config: Mapping[str, Any] | str | Path | None = None,
+               run_id: str | None = None) -> Iterator[Any]:
     """Start an MLflow run with the project's standard tags; yields the ``mlflow`` module's run.
+    ``run_id``: continue that run (a resumed training), its tags and params already logged.
 
     Tags: ``covidct.rule`` etc. from ``tags``, plus ``mlflow.source.git.commit``,
     ``covidct.config_hash`` and, inside a workflow run, ``mlflow.parentRunId``.
@@ -163,6 +165,10 @@ def mlflow_run(tracking: TrackingParams, run_name: str, *,
     experiment_id = get_experiment_id(tracking.tracking_uri, tracking.experiment)
     mlflow.set_tracking_uri(store_uri(tracking.tracking_uri))
     mlflow.set_registry_uri(store_uri(tracking.tracking_uri))
+    if run_id is not None:
+        with mlflow.start_run(run_id=run_id) as run:
+            yield run
+        return
     all_tags = standard_tags(config)
     all_tags.update({k: str(v) for k, v in (tags or {}).items()})
     with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=all_tags) as run:
@@ -191,7 +197,7 @@ def start_workflow_run(tracking: TrackingParams, config: Mapping[str, Any], *,
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "config.yaml"
         path.write_text(yaml.safe_dump(json.loads(json.dumps(config, default=str)),
-                                       sort_keys=False))
+                                       sort_keys=False), encoding="utf-8")
         mlflow_client.log_artifact(run.info.run_id, str(path))
     return run.info.run_id
 

@@ -24,7 +24,8 @@ import pandas as pd
 
 from covidct.errors import CovidctError
 from covidct.io.atomic import write_csv
-from covidct.model.trainer import Trainer, weights_digest
+from covidct.io.stores import add_store_arguments, stores_for
+from covidct.model.trainer import Trainer, set_threads, weights_digest
 from covidct.params import TrackingParams, TrainParams, add_options, from_args
 
 log = logging.getLogger(__name__)
@@ -122,9 +123,13 @@ def resolve_model(source: str | Path, tracking: TrackingParams) -> Path:
     return download_model(str(source), tracking) if is_model_uri(source) else Path(source)
 
 
-def load_pretrained(init: Path, input_shape: Sequence[int]):
-    """The weights of a saved COVID-19Net, checked against ``input_shape`` (D, H, W)."""
+def load_pretrained(init: Path, input_shape: Sequence[int],
+                    architecture: str = TrainParams.architecture):
+    """The weights of a saved COVID-19Net, checked against ``input_shape`` (D, H, W) and the
+    ``architecture`` it must have."""
     import keras
+
+    from covidct.model.architecture import architecture_of
 
     if not Path(init).exists():
         raise CovidctError("pretrained model not found", path=init)
@@ -136,17 +141,27 @@ def load_pretrained(init: Path, input_shape: Sequence[int]):
     if pre_shape != tuple(input_shape):
         raise CovidctError(f"pretrained model input {'x'.join(map(str, pre_shape))} differs from "
                            f"the ROIs' {'x'.join(map(str, input_shape))}", path=init)
+    try:
+        found = architecture_of(pre)
+    except ValueError as err:
+        raise CovidctError(f"pretrained model: {err}", path=init) from None
+    if found != architecture:
+        raise CovidctError(f"the pretrained model has the {found} architecture, training asks "
+                           f"for {architecture} (training.architecture)", path=init)
     return pre.get_weights()
 
 
 def initial_model(input_shape: Sequence[int], init: Path | None = None, name: str = "covid19net",
-                  bn_momentum: float = TrainParams.bn_momentum):
-    """COVID-19Net under the current dtype policy, with ``init``'s weights when given."""
+                  bn_momentum: float = TrainParams.bn_momentum,
+                  architecture: str = TrainParams.architecture):
+    """COVID-19Net (``architecture``) under the current dtype policy, with ``init``'s weights
+    when given."""
     from covidct.model.architecture import covid19net
 
-    model = covid19net(input_shape, name=name, bn_momentum=bn_momentum)
+    model = covid19net(input_shape, name=name, bn_momentum=bn_momentum,
+                       architecture=architecture)
     if init is not None:
-        weights = load_pretrained(init, input_shape)
+        weights = load_pretrained(init, input_shape, architecture)
         mine = model.get_weights()
         if len(weights) != len(mine) or any(a.shape != b.shape for a, b in zip(weights, mine)):
             raise CovidctError("pretrained model is not COVID-19Net (weights differ in number or "
@@ -157,6 +172,23 @@ def initial_model(input_shape: Sequence[int], init: Path | None = None, name: st
 
 def predict_probabilities(model, dataset) -> np.ndarray:
     return np.asarray(model.predict(dataset, verbose=0), dtype=np.float64).reshape(-1)
+
+
+def resumable_plateau(keras):
+    """ReduceLROnPlateau whose counters a resumed run puts back (``pending``): Keras resets
+    them when training begins."""
+
+    class Plateau(keras.callbacks.ReduceLROnPlateau):
+        pending: dict | None = None
+
+        def on_train_begin(self, logs=None):
+            super().on_train_begin(logs)
+            if self.pending:
+                self.wait = self.pending["wait"]
+                self.best = self.pending["best"]
+                self.cooldown_counter = self.pending["cooldown_counter"]
+
+    return Plateau
 
 
 class ClassifierTrainer(Trainer):
@@ -220,7 +252,8 @@ class ClassifierTrainer(Trainer):
 
     def build(self, keras):
         init = None if self.init is None else resolve_model(self.init, self.tracking)
-        model = initial_model(self.input_shape, init, bn_momentum=self.p.bn_momentum)
+        model = initial_model(self.input_shape, init, bn_momentum=self.p.bn_momentum,
+                              architecture=self.p.architecture)
         self.init_digest = weights_digest(model.get_weights())
         model.compile(
             optimizer=keras.optimizers.SGD(learning_rate=self.p.lr, momentum=self.p.momentum),
@@ -250,12 +283,15 @@ class ClassifierTrainer(Trainer):
             self.val_data = RoiDataset(self.val_t["roi"].tolist(), None, batch_size=p.batch_size,
                                        cache=p.cache, workers=p.workers)
         self.last_predictions = self.best_predictions = None
+        self.plateau = self.plateau_state = None
         return train
 
     def callbacks(self, keras) -> list:
-        return [keras.callbacks.ReduceLROnPlateau(
+        self.plateau = resumable_plateau(keras)(
             monitor="val_loss" if self.val_data is not None else "loss",
-            factor=self.p.lr_factor, patience=self.p.lr_patience, verbose=0)]
+            factor=self.p.lr_factor, patience=self.p.lr_patience, verbose=0)
+        self.plateau.pending = self.plateau_state
+        return [self.plateau]
 
     def validate(self, model) -> dict[str, float]:
         if self.val_data is None:
@@ -275,10 +311,25 @@ class ClassifierTrainer(Trainer):
     def on_best(self, epoch: int) -> None:
         self.best_predictions = self.last_predictions
 
+    def resume_state(self) -> dict:
+        best = self.best_predictions
+        plateau = self.plateau
+        return {"best_predictions": None if best is None else np.asarray(best).tolist(),
+                "plateau": {"wait": int(plateau.wait), "best": float(plateau.best),
+                            "cooldown_counter": int(plateau.cooldown_counter)}}
+
+    def restore(self, state: dict) -> None:
+        best = state.get("best_predictions")
+        self.best_predictions = None if best is None else np.asarray(best, dtype=np.float64)
+        self.plateau_state = state.get("plateau")
+        if getattr(self, "plateau", None) is not None:
+            self.plateau.pending = self.plateau_state
+
     def final_model(self, keras, model, weights):
         # the selected weights in a float32 model: model.keras is independent of the precision
         keras.mixed_precision.set_dtype_policy("float32")
-        final = initial_model(self.input_shape, None, bn_momentum=self.p.bn_momentum)
+        final = initial_model(self.input_shape, None, bn_momentum=self.p.bn_momentum,
+                              architecture=self.p.architecture)
         final.set_weights(weights)
         return final
 
@@ -299,7 +350,8 @@ class ClassifierTrainer(Trainer):
     def params(self) -> dict:
         p = self.p
         return {
-            "task": self.task, "batch_size": p.batch_size, "optimizer": "SGD", "lr": p.lr,
+            "task": self.task, "architecture": p.architecture, "batch_size": p.batch_size,
+            "optimizer": "SGD", "lr": p.lr,
             "momentum": p.momentum, "bn_momentum": p.bn_momentum, "lr_factor": p.lr_factor,
             "lr_patience": p.lr_patience,
             "class_weight_negative": float(p.negative_weight(self.task)),
@@ -332,7 +384,8 @@ class ClassifierTrainer(Trainer):
             log_sheet_inputs(mlflow, self.val_t, source, "validation")
 
     def record(self) -> dict:
-        return {"task": self.task, "n_train": len(self.train_t), "n_val": len(self.val_t),
+        return {"task": self.task, "architecture": self.p.architecture,
+                "n_train": len(self.train_t), "n_val": len(self.val_t),
                 "train_fraction": self.p.train_fraction,
                 "init": str(self.init) if self.init else "none", "init_digest": self.init_digest,
                 "preprocessing": self.preprocessing, "training_data": self.training_data}
@@ -370,8 +423,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="covid: y = 1 for COVID-19; egfr: y = 1 for EGFR-mutant")
     p.add_argument("--sheet", required=True, nargs="+", type=Path,
                    help="sample sheet(s) (TSV), e.g. one per training site")
-    p.add_argument("--rois", required=True, nargs="+", type=Path, metavar="ROI.zarr",
-                   help="roi.zarr stores, results/patients/{site}/{patient}/roi.zarr")
+    add_store_arguments(p, "--rois", "roi", "roi.zarr")
     p.add_argument(
         "--out", required=True, type=Path, help="output folder (model.keras, run.json...)"
     )
@@ -387,11 +439,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="MLflow run tag (repeatable), e.g. --tag covidct.rule=finetune_covid")
     p.add_argument("--no-register", action="store_true",
                    help="log the model without registering it in the model registry")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads of the network's operations, 0 = all (default 0)")
+
+
+def sheet_rois(sheet: Sequence[Path], task: str, patients: Path) -> list[Path]:
+    """The roi.zarr below ``patients`` of every patient of ``task`` in the sheet(s)."""
+    from covidct.io.sheet import read_sheet
+
+    table = read_sheet(sheet)
+    return stores_for(table[table["task"] == task], patients, "roi")
 
 
 def run(args: argparse.Namespace) -> int:
+    set_threads(args.threads)
+    rois = args.rois or sheet_rois(args.sheet, args.task, args.patients)
     train(from_args(TrainParams, args), name=args.name, task=args.task, sheet=args.sheet,
-          rois=args.rois, out=args.out, init=args.init, synthetic=args.synthetic,
+          rois=rois, out=args.out, init=args.init, synthetic=args.synthetic,
           tracking=from_args(TrackingParams, args), register=not args.no_register,
           tags=parse_tags(args.tag), config=args.config)
     return 0

@@ -155,6 +155,11 @@ class RoiDataset(keras.utils.PyDataset):
         self.epoch += 1
         self.order = self._order_for(self.epoch)
 
+    def start_at(self, epoch: int) -> None:
+        """Continue at ``epoch`` (0-based), in the order an uninterrupted run has there."""
+        self.epoch = int(epoch)
+        self.order = self._order_for(self.epoch)
+
     def __len__(self) -> int:
         return math.ceil(len(self.paths) / self.batch_size)
 

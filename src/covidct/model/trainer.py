@@ -5,16 +5,23 @@ selection, the atomic save of ``model.keras``, ``history.csv``, MLflow (params, 
 artifacts, the registered model) and, last, ``run.json``. A network is a small subclass that
 overrides the hooks: :meth:`prepare`, :meth:`build`, :meth:`data`, :meth:`validate`,
 :meth:`score`, and, where it needs to, :meth:`callbacks`, :meth:`final_model`,
-:meth:`after_training`.
+:meth:`after_training`, :meth:`resume_state` and :meth:`restore`.
+
+A killed run resumes: after every epoch the run's state goes to ``OUT/resume/`` (weights with
+the optimizer's state, the epoch rows, the best epoch's weights, the MLflow run), and a restart
+with the same parameters continues after the last finished epoch, in the same MLflow run, with
+the data order an uninterrupted run has. A finished run removes the folder.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import math
 import os
+import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -44,6 +51,26 @@ def configure_keras(seed: int, precision: str = "none", deterministic: bool = Tr
         tf.config.experimental.enable_op_determinism()
     keras.mixed_precision.set_dtype_policy(PRECISION_POLICIES[precision])
     return keras
+
+
+def compute_device(keras) -> str:
+    """The device the backend computes on, e.g. 'gpu:0 (NVIDIA H200)' or 'cpu'."""
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        device = jax.devices()[0]
+        return f"{device.platform}:{device.id} ({device.device_kind})"
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        gpus = tf.config.list_physical_devices("GPU")
+        return f"gpu:0 ({gpus[0].name})" if gpus else "cpu"
+    if backend == "torch":
+        import torch
+
+        return f"gpu:0 ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else "cpu"
+    return "unknown"
 
 
 def set_threads(n: int) -> None:
@@ -176,6 +203,13 @@ class Trainer:
     def log_inputs(self, mlflow) -> None:
         """Log the training data as the MLflow run's dataset inputs."""
 
+    def resume_state(self) -> dict[str, Any]:
+        """JSON-able state of the subclass that a resumed run needs (saved every epoch)."""
+        return {}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Take back :meth:`resume_state`'s dict when resuming."""
+
     # ---- the protocol --------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         """Train, select, save and record; returns the run.json record."""
@@ -186,18 +220,27 @@ class Trainer:
         keras = configure_keras(self.seed, self.precision, self.deterministic)
         model = self.build(keras)
         data = self.data()
+        device = compute_device(keras)
+        log.info("%s: Keras %s on %s, computing on %s", self.name, keras.__version__,
+                 keras.backend.backend(), device)
         params = {**self.params(), "name": self.name, "epochs": self.epochs, "seed": self.seed,
-                  "backend": keras.backend.backend(), "keras_version": keras.__version__,
+                  "backend": keras.backend.backend(), "device": device,
+                  "keras_version": keras.__version__,
                   "n_params": int(model.count_params())}
         tags = {"covidct.rule": self.rule, "covidct.model": self.model_kind, **self.tags(),
                 **self.extra_tags}
-        with self._tracking_run(tags, params) as (mlflow, active):
-            if mlflow is not None:
+        resume = ResumePoint(self.out / RESUME_DIR, params)
+        state = resume.load()
+        with self._tracking_run(tags, params, state) as (mlflow, active):
+            if mlflow is not None and state is None:
                 self.log_inputs(mlflow)
             epochs = epoch_log(self, keras, mlflow)
-            if self.epochs:
-                model.fit(data, epochs=self.epochs, shuffle=False, verbose=0,
-                          callbacks=[epochs, *self.callbacks(keras)])
+            done = 0 if state is None else resume.restore(model, epochs, state, self, data)
+            if self.epochs and done < self.epochs:
+                run_id = None if active is None else active.info.run_id
+                model.fit(data, epochs=self.epochs, initial_epoch=done, shuffle=False,
+                          verbose=0, callbacks=[epochs, *self.callbacks(keras),
+                                                resume.callback(keras, epochs, self, run_id)])
             best = epochs.best_weights or model.get_weights()
             self.selected_row = epochs.rows[epochs.best_epoch - 1] if epochs.rows else {}
             final = self.final_model(keras, model, best)
@@ -208,7 +251,8 @@ class Trainer:
             summary = self.after_training(final)
             record = {"name": self.name, "selected_epoch": epochs.best_epoch,
                       "input_shape": [int(s) for s in final.inputs[0].shape[1:-1]],
-                      "backend": params["backend"], "history": history.name, **summary,
+                      "backend": params["backend"], "device": device,
+                      "history": history.name, **summary,
                       **self.record(), "run_id": None, "experiment_id": None,
                       "tracking_uri": None, "model_uri": None, "model_id": None,
                       "registered_model": None, "version": None, "alias": None}
@@ -230,6 +274,7 @@ class Trainer:
                     set_candidate_alias(self.tracking, registered, version)
                     record["alias"] = f"models:/{registered}@{CANDIDATE_ALIAS}"
         write_run(self.out, record)
+        resume.clear()
         log.info("selected epoch %d (%s); model %s, MLflow run %s, %s version %s",
                  epochs.best_epoch, ", ".join(f"{k} {v:.4g}" for k, v in summary.items()
                                               if isinstance(v, float)) or "no validation",
@@ -238,7 +283,7 @@ class Trainer:
         return record
 
     @contextlib.contextmanager
-    def _tracking_run(self, tags, params):
+    def _tracking_run(self, tags, params, state=None):
         if not self.tracking.enabled:
             yield None, None
             return
@@ -246,9 +291,97 @@ class Trainer:
 
         from covidct.io.tracking import mlflow_run
 
+        run_id = (state or {}).get("run_id")
         with mlflow_run(self.tracking, self.name, tags=tags, params=params,
-                        config=self.config) as active:
+                        config=self.config, run_id=run_id) as active:
             yield mlflow, active
+
+
+RESUME_DIR = "resume"
+
+
+class ResumePoint:
+    """The last finished epoch of a training run, in ``folder`` (OUT/resume/).
+
+    ``state.json`` holds the parameters' fingerprint, the epochs done, the history rows, the
+    best epoch and its score, the MLflow run, the subclass's :meth:`Trainer.resume_state` and
+    the names of ``epochN.weights.h5`` (the model's and the optimizer's variables after epoch N)
+    and ``bestM.npz`` (the best epoch's weights). A state whose fingerprint differs (other
+    parameters, data or network) is discarded.
+    """
+
+    def __init__(self, folder: Path, params: dict[str, Any]):
+        self.folder = Path(folder)
+        text = json.dumps(params, sort_keys=True, default=str)
+        self.fingerprint = hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def load(self) -> dict[str, Any] | None:
+        path = self.folder / "state.json"
+        if not path.is_file():
+            return None
+        state = json.loads(path.read_text(encoding="utf-8"))
+        if state.get("fingerprint") != self.fingerprint:
+            log.warning("%s holds a run with other parameters: starting afresh", self.folder)
+            self.clear()
+            return None
+        return state
+
+    def save(self, model, epochs, trainer: Trainer, run_id: str | None) -> None:
+        """This epoch's state, in files named by the epoch; ``state.json``, replaced last,
+        names them, so a run killed at any moment leaves a state and weights that agree."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        done = len(epochs.rows)
+        latest = f"epoch{done}.weights.h5"
+        model.save_weights(str(self.folder / latest), overwrite=True)
+        best = f"best{epochs.best_epoch}.npz"
+        if not (self.folder / best).exists():
+            with atomic_path(self.folder / best) as tmp, open(tmp, "wb") as f:
+                np.savez(f, *epochs.best_weights)
+        state = {"fingerprint": self.fingerprint, "epochs_done": done, "weights": latest,
+                 "best_weights": best, "rows": epochs.rows, "best_epoch": epochs.best_epoch,
+                 "best_score": list(epochs.best), "run_id": run_id,
+                 "trainer": trainer.resume_state()}
+        with atomic_path(self.folder / "state.json") as tmp:
+            Path(tmp).write_text(json.dumps(state), encoding="utf-8")
+        for old in self.folder.glob("*.h5"):
+            if old.name != latest:
+                old.unlink()
+        for old in self.folder.glob("*.npz"):
+            if old.name != best:
+                old.unlink()
+
+    def restore(self, model, epochs, state: dict[str, Any], trainer: Trainer, data) -> int:
+        """Put the saved state back into ``model``, ``epochs``, ``trainer`` and ``data``;
+        returns the number of epochs done."""
+        if model.optimizer is not None and not model.optimizer.built:
+            model.optimizer.build(model.trainable_variables)
+        model.load_weights(str(self.folder / state["weights"]))
+        with np.load(self.folder / state["best_weights"]) as best:
+            epochs.best_weights = [best[f"arr_{i}"] for i in range(len(best.files))]
+        epochs.rows = [dict(row) for row in state["rows"]]
+        epochs.best, epochs.best_epoch = tuple(state["best_score"]), int(state["best_epoch"])
+        trainer.restore(state["trainer"])
+        done = int(state["epochs_done"])
+        if hasattr(data, "start_at"):
+            data.start_at(done)
+        log.info("%s: resuming after epoch %d of %d (best so far: epoch %d), from %s",
+                 trainer.name, done, trainer.epochs, epochs.best_epoch, self.folder)
+        return done
+
+    def clear(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def callback(self, keras, epochs, trainer: Trainer, run_id: str | None):
+        """A Keras callback, last in the list, that saves the state after every epoch but the
+        last (when every other callback, e.g. the learning-rate schedule, has updated it)."""
+        point = self
+
+        class SaveResumePoint(keras.callbacks.Callback):
+            def on_epoch_end(self, epoch, logs=None):
+                if epoch + 1 < trainer.epochs:
+                    point.save(self.model, epochs, trainer, run_id)
+
+        return SaveResumePoint()
 
 
 def epoch_log(trainer: Trainer, keras, mlflow):

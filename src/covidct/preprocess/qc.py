@@ -102,10 +102,27 @@ def qc_summary(roi_paths, out_path) -> pd.DataFrame:
 
 
 def add_arguments_qc_summary(parser) -> None:
-    parser.add_argument("rois", nargs="+", metavar="ROI.zarr", help="roi.zarr stores")
+    parser.add_argument("rois", nargs="*", metavar="ROI.zarr", help="roi.zarr stores")
+    parser.add_argument("--sheets", nargs="+", default=None, metavar="TSV",
+                        help="with --patients: the sheets whose patients' ROIs to gather")
+    parser.add_argument("--patients", default=None, metavar="DIR",
+                        help="the patients' folder: DIR/{site}/{patient}/roi.zarr of the sheets' "
+                             "patients, instead of naming each store")
     parser.add_argument("--out", required=True, help="output TSV (qc_summary.tsv)")
 
 
 def run_qc_summary(args) -> int:
-    qc_summary(args.rois, args.out)
+    from covidct.errors import CovidctError
+
+    rois = list(args.rois)
+    if args.patients:
+        from covidct.io.sheet import read_sheet
+        from covidct.io.stores import stores_for
+
+        if not args.sheets:
+            raise CovidctError("--patients needs --sheets (whose patients to gather)")
+        rois += stores_for(read_sheet(args.sheets), args.patients, "roi")
+    if not rois:
+        raise CovidctError("no ROI stores: name them, or give --sheets and --patients")
+    qc_summary(rois, args.out)
     return 0

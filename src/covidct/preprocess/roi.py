@@ -46,29 +46,57 @@ def slice_areas(mask: np.ndarray) -> np.ndarray:
     return np.count_nonzero(m.reshape(m.shape[0], -1), axis=1)
 
 
+def passing_slices(areas: np.ndarray, min_area_fraction: float, slice_rule: str) -> np.ndarray:
+    """Indices of the slices the box spans by ``slice_rule``, from each slice's lung area.
+
+    A slice passes when its area is at least ``min_area_fraction`` of the largest slice's.
+    ``ends``: the first to the last passing slice. ``neighbours`` (the authors'): a slice counts
+    only if it and both its neighbours pass (an end slice: it and its one neighbour); the box
+    spans the first to the last slice that counts.
+    """
+    ok = (areas > 0) & (areas >= min_area_fraction * areas.max())
+    if slice_rule == "neighbours":
+        padded = np.concatenate([ok[:1], ok, ok[-1:]])
+        ok = ok & padded[:-2] & padded[2:]
+        if len(ok) == 1:
+            ok[:] = False      # a single slice has no neighbour to agree with
+    elif slice_rule != "ends":
+        raise ValueError(f"unknown slice_rule {slice_rule!r} (ends or neighbours)")
+    return np.nonzero(ok)[0]
+
+
 def lung_bbox(mask: np.ndarray, min_area_fraction: float = RoiParams.min_area_fraction,
               min_slices: int = RoiParams.min_slices,
-              min_pixels: int = RoiParams.min_pixels) -> tuple[int, int, int, int, int, int]:
+              min_pixels: int = RoiParams.min_pixels, *,
+              slice_rule: str = RoiParams.slice_rule, plane_box: str = RoiParams.plane_box,
+              drop_scan_ends: bool = RoiParams.drop_scan_ends) -> tuple[int, ...]:
     """Bounding box ``(z0, z1, y0, y1, x0, x1)`` of a lung mask, half-open (python slices).
 
-    End slices whose lung area is under ``min_area_fraction`` of the largest slice's are dropped
-    (only at the ends: a small slice between large ones stays). The in-plane box is that of the
-    mask over the kept slices. Raises :class:`RoiRejected` for an empty mask or a box of fewer
-    than ``min_slices`` slices or ``min_pixels`` pixels on either in-plane side.
+    The slices are those of :func:`passing_slices` (by default: end slices whose lung area is
+    under ``min_area_fraction`` of the largest slice's are dropped, only at the ends). The
+    in-plane box is that of the mask over the kept slices (``plane_box: kept_slices``) or over
+    the whole mask (``whole_mask``). ``drop_scan_ends`` leaves the scan's first and last slice
+    out of everything. Raises :class:`RoiRejected` for an empty mask or a box of fewer than
+    ``min_slices`` slices or ``min_pixels`` pixels on either in-plane side.
     """
-    areas = slice_areas(mask)
+    lo = 1 if drop_scan_ends else 0
+    scan = np.asarray(mask)[lo:len(mask) - lo]
+    areas = slice_areas(scan)
     if areas.max(initial=0) == 0:
         raise RoiRejected("empty lung mask")
-    keep = np.nonzero(areas >= min_area_fraction * areas.max())[0]
+    keep = passing_slices(areas, min_area_fraction, slice_rule)
+    if len(keep) == 0:
+        raise RoiRejected("no slice where it and both neighbours pass the area rule")
     z0, z1 = int(keep[0]), int(keep[-1]) + 1
-    plane = np.asarray(mask[z0:z1], bool).any(axis=0)
+    over = scan[z0:z1] if plane_box == "kept_slices" else scan
+    plane = np.asarray(over, bool).any(axis=0)
     ys, xs = np.nonzero(plane.any(axis=1))[0], np.nonzero(plane.any(axis=0))[0]
     y0, y1, x0, x1 = int(ys[0]), int(ys[-1]) + 1, int(xs[0]), int(xs[-1]) + 1
     if z1 - z0 < min_slices:
         raise RoiRejected(f"lung box has {z1 - z0} slices (< {min_slices})")
     if y1 - y0 < min_pixels or x1 - x0 < min_pixels:
         raise RoiRejected(f"lung box is {y1 - y0} x {x1 - x0} px in-plane (< {min_pixels})")
-    return z0, z1, y0, y1, x0, x1
+    return z0 + lo, z1 + lo, y0, y1, x0, x1
 
 
 def box_percentile(values: np.ndarray, q: float) -> float:
@@ -130,6 +158,26 @@ def zscore_stats(array: np.ndarray) -> tuple[float, float]:
     if not np.isfinite(sd) or sd <= 1e-12:
         sd = 1.0
     return mean, sd
+
+
+def resize_and_zscore(box: np.ndarray, size, p: RoiParams) -> tuple[np.ndarray, float, float]:
+    """The suppressed box resized to ``size`` and z-scored: ``(float16 ROI, mean, sd)``.
+
+    ``p.clip_resized`` clips the resized array to the box's minimum and maximum (the cubic
+    spline overshoots at edges); ``p.zscore`` takes the mean and sd of the box (``box``) or of
+    the resized array (``resized``, the authors').
+    """
+    if p.zscore == "box":
+        # z-scoring commutes with the (linear, constant-preserving) spline resize and with a
+        # clip at the box's own limits, so it is applied to the small resized array
+        mean, sd = zscore_stats(box)
+    limits = (np.float32(box.min()), np.float32(box.max())) if p.clip_resized else None
+    roi = resize_cubic(box, size, antialias=p.antialias)
+    if limits is not None:
+        np.clip(roi, *limits, out=roi)
+    if p.zscore == "resized":
+        mean, sd = zscore_stats(roi)
+    return ((roi - np.float32(mean)) / np.float32(sd)).astype(np.float16), mean, sd
 
 
 def crop_to_box(array, bbox) -> np.ndarray:
@@ -251,7 +299,9 @@ def roi_from_arrays(ct, mask, spacing, params: RoiParams = RoiParams(), *,
     bbox = None
     if reason is None:
         try:
-            bbox = lung_bbox(mask, p.min_area_fraction, p.min_slices, p.min_pixels)
+            bbox = lung_bbox(mask, p.min_area_fraction, p.min_slices, p.min_pixels,
+                             slice_rule=p.slice_rule, plane_box=p.plane_box,
+                             drop_scan_ends=p.drop_scan_ends)
         except RoiRejected as err:
             reason = err.reason
     fallback = reason is not None
@@ -267,12 +317,8 @@ def roi_from_arrays(ct, mask, spacing, params: RoiParams = RoiParams(), *,
     mask_box = None if fallback else crop_to_box(mask, bbox)
     box, limits = suppress_non_lung(ct_box, mask_box, p.percentile, p.n_std)
     del ct_box
-    mean, sd = zscore_stats(box)
-    # z-scoring commutes with the (linear, constant-preserving) spline resize, so it is applied
-    # to the small resized array: the same values as z-scoring the box first
-    roi = resize_cubic(box, size, antialias=p.antialias)
+    roi, mean, sd = resize_and_zscore(box, size, p)
     del box
-    roi = ((roi - np.float32(mean)) / np.float32(sd)).astype(np.float16)
     z0, z1, y0, y1, x0, x1 = bbox
     attrs = {
         "bbox": [int(v) for v in bbox],
@@ -287,6 +333,9 @@ def roi_from_arrays(ct, mask, spacing, params: RoiParams = RoiParams(), *,
         "lung_volume_ml": round(lung_ml, 1), "body_volume_ml": round(body_ml, 1),
         "fallback": bool(fallback), "reason": reason,
         "rules": {"min_area_fraction": p.min_area_fraction, "min_slices": p.min_slices,
+                  "slice_rule": p.slice_rule, "plane_box": p.plane_box,
+                  "drop_scan_ends": p.drop_scan_ends, "clip_resized": p.clip_resized,
+                  "zscore": p.zscore,
                   "min_pixels": p.min_pixels, "min_lung_ml": p.min_lung_ml,
                   "max_lung_ml": p.max_lung_ml, "max_body_fraction": p.max_body_fraction},
     }
