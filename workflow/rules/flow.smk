@@ -24,7 +24,7 @@ rule flow:
     params:
         out_dir=lambda wc, output: Path(output.flow).parent,
         models=lambda wc, input: " ".join(str(Path(r).parent) for r in input.runs),
-        patients=lambda wc, input: Path(input.rois[0]).parents[2],
+        patients=patients_folder,
         min_follow_up_days=config["prognosis"]["min_follow_up_days"],
         logs=workdir_path("logs"),
         tracking=TRACKING,

@@ -223,7 +223,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from covidct.analysis.tables import to_markdown
+    from covidct.analysis.tables import write_table
     from covidct.io.sheet import read_sheet
 
     sheet = pd.concat([read_sheet(p) for p in args.sheets], ignore_index=True)
@@ -231,11 +231,10 @@ def run(args) -> int:
     flow = write_flow(sheet, args.patients, args.logs, args.out_dir, args.models,
                       args.min_follow_up_days)
     t1 = table1(sheet)
-    write_csv(args.out_dir / "table1.csv", t1, index=True)
-    write_text(args.out_dir / "table1.md", to_markdown(
-        t1, caption="Table 1. Patient characteristics per site: age mean (SD), hospital stay "
-                    "median (IQR), counts with the percentage of the patients with the value "
-                    "known."))
+    write_table(args.out_dir, "table1", t1,
+                "Table 1. Patient characteristics per site: age mean (SD), hospital stay "
+                "median (IQR), counts with the percentage of the patients with the value "
+                "known.", index=True)
     total = flow.iloc[-1]
     from covidct.io.tracking import log_files
 

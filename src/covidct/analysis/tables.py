@@ -426,6 +426,13 @@ def _named(paths: Sequence[Path], names: Sequence[str] | None) -> list[tuple[str
     return out
 
 
+def write_table(out: Path, stem: str, table: pd.DataFrame, caption: str,
+                index: bool = False) -> None:
+    """``out/stem.csv`` and ``out/stem.md`` (the table under ``caption``)."""
+    write_csv(out / f"{stem}.csv", table, index=index)
+    write_text(out / f"{stem}.md", to_markdown(table, index=index, caption=caption))
+
+
 def write_heterogeneity(sites: Sequence[tuple[str, Mapping[str, Any]]], out: Path,
                         level: float = 0.95) -> dict[str, Any]:
     """figure_forest_auc.png and table_heterogeneity.csv|md; returns the meta-analysis."""
@@ -433,13 +440,11 @@ def write_heterogeneity(sites: Sequence[tuple[str, Mapping[str, Any]]], out: Pat
 
     rows, meta = auc_forest(sites, level)
     table = heterogeneity_table(rows, meta)
-    write_csv(out / "table_heterogeneity.csv", table)
-    write_text(out / "table_heterogeneity.md", to_markdown(
-        table, index=False,
-        caption="AUC across the external sites: inverse-variance pooling of each site's AUC with "
+    write_table(out, "table_heterogeneity", table,
+                "AUC across the external sites: inverse-variance pooling of each site's AUC with "
                 "its DeLong variance (fixed effect, and DerSimonian-Laird random effects), "
                 "Cochran's Q, I^2 = max(0, (Q - df) / Q) and tau^2. Training sites and sites "
-                "without a DeLong variance are not pooled."))
+                "without a DeLong variance are not pooled.")
     forest_figure(rows, meta, out / "figure_forest_auc.png",
                   title="AUC of the DL system across sites")
     log.info("heterogeneity: %s", "; ".join(f"{s}: {v}" for s, v in table.itertuples(index=False)))
@@ -460,35 +465,30 @@ def run(args) -> int:
     params = from_args(EvaluationParams, args)
     pooled = pooled_metrics(sites, params)
     t2 = table2(sites, subgroups=not args.no_subgroups, pooled=pooled)
-    write_csv(out / "table2.csv", t2, index=True)
     pooled_note = (f" {POOLED}: the patients of {', '.join(pooled['sites'])} together (training "
                    "sites are never pooled)." if pooled else "")
-    write_text(out / "table2.md", to_markdown(
-        t2, caption="Table 2. Diagnostic performance of the DL system. Rates at the threshold "
-                    "with their Wilson score 95% CI; the calibration intercept (calibration-in-"
-                    "the-large) and slope of a logistic recalibration on logit(p). Threshold and "
-                    "Youden threshold as recorded by covidct evaluate." + pooled_note))
+    write_table(out, "table2", t2,
+                "Table 2. Diagnostic performance of the DL system. Rates at the threshold "
+                "with their Wilson score 95% CI; the calibration intercept (calibration-in-"
+                "the-large) and slope of a logistic recalibration on logit(p). Threshold and "
+                "Youden threshold as recorded by covidct evaluate." + pooled_note, index=True)
     log.info("Table 2: %d columns (%s)", t2.shape[1], ", ".join(t2.columns))
 
     write_heterogeneity(sites, out, level=params.ci_level)
     subgroups = demographic_table(sites)
-    write_csv(out / "table_subgroups.csv", subgroups)
-    write_text(out / "table_subgroups.md", to_markdown(
-        subgroups, index=False,
-        caption="Diagnostic performance by sex and age band per site (the site sheet's age and "
+    write_table(out, "table_subgroups", subgroups,
+                "Diagnostic performance by sex and age band per site (the site sheet's age and "
                 "sex; age bands lower <= age < upper). Rates with their Wilson 95% CI."
                 + ("" if len(subgroups) else " No site has these subgroups (covidct evaluate "
-                                             "ran without --sheet).")))
+                                             "ran without --sheet)."))
 
     if ablation:
         s2 = table_s2(sites, ablation)
-        write_csv(out / "table_s2.csv", s2)
-        write_text(out / "table_s2.md", to_markdown(
-            s2, index=False,
-            caption="Table S2. DL system without auxiliary EGFR training (random init) and with "
+        write_table(out, "table_s2", s2,
+                    "Table S2. DL system without auxiliary EGFR training (random init) and with "
                     "it. Differences are pretrained minus random init, as measured; AUC "
                     "differences with the paired DeLong 95% CI and p where both models' "
-                    "predictions are available."))
+                    "predictions are available.")
         for row in s2[s2["Method"] == DIFFERENCE].itertuples():
             log.info("Table S2: %s: AUC difference %s", row.Dataset, row[4])
     else:

@@ -321,9 +321,7 @@ class ClassifierTrainer(Trainer):
     def restore(self, state: dict) -> None:
         best = state.get("best_predictions")
         self.best_predictions = None if best is None else np.asarray(best, dtype=np.float64)
-        self.plateau_state = state.get("plateau")
-        if getattr(self, "plateau", None) is not None:
-            self.plateau.pending = self.plateau_state
+        self.plateau_state = state.get("plateau")      # read by callbacks(), called after
 
     def final_model(self, keras, model, weights):
         # the selected weights in a float32 model: model.keras is independent of the precision

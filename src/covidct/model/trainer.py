@@ -364,6 +364,9 @@ class ResumePoint:
         done = int(state["epochs_done"])
         if hasattr(data, "start_at"):
             data.start_at(done)
+        else:    # e.g. the segmenter's slice sampler, whose draws follow one running generator
+            log.warning("%s: its data cannot start at epoch %d: the resumed epochs draw other "
+                        "samples than an uninterrupted run", trainer.name, done + 1)
         log.info("%s: resuming after epoch %d of %d (best so far: epoch %d), from %s",
                  trainer.name, done, trainer.epochs, epochs.best_epoch, self.folder)
         return done
