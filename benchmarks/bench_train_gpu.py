@@ -11,6 +11,9 @@ precision (fp32, bf16) and mode measures:
                    the steps) / total time: under 100% means reading keeps up.
   fit_cached       the same with every volume decoded into memory first (RoiDataset's cache),
                    so the difference to "fit" is what reading Zarr costs.
+  jax_loop         the training rules' loop on JAX (covidct.model.jax_loop): --steps-per-execution
+                   steps compiled into one call, the state donated and kept on the device, the
+                   next batches read and sent while the device computes.
   read             no model: RoiDataset batches through a pool of `workers` threads, as fit
                    reads them; samples/s is what reading alone can deliver.
 
@@ -18,11 +21,18 @@ For train_on_batch, "compute samples/s" leaves the reading out (samples / time i
 --batch and --steps-per-execution take several values; every combination is measured, each
 row printed as soon as it is done.
 
+In the same run, the independent reference (--reference, ../shared/bench/gpu_reference.py:
+plain PyTorch on data already on the device, with and without torch.compile) trains the same
+network at the first batch size, and the last lines give each mode's best samples/s as a ratio
+to it, so the ratio holds on a shared machine (--no-reference skips it).
+
 Examples:
   KERAS_BACKEND=jax python benchmarks/bench_train_gpu.py                      # 48x240x360
   KERAS_BACKEND=jax python benchmarks/bench_train_gpu.py --precision bf16 --modes fit \
       --batch 4 8 16 --steps-per-execution 4 8
   KERAS_BACKEND=tensorflow python benchmarks/bench_train_gpu.py --size 16 64 96 --steps 3
+  KERAS_BACKEND=jax python benchmarks/bench_train_gpu.py --precision bf16 --batch 8 \
+      --modes fit jax_loop --steps-per-execution 4 8                 # the figures in the README
 """
 
 from __future__ import annotations
@@ -41,7 +51,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import numpy as np
 
 POLICIES = {"fp32": "float32", "bf16": "mixed_bfloat16"}
-MODES = ("read", "train_on_batch", "fit", "fit_cached")
+MODES = ("read", "train_on_batch", "fit", "fit_cached", "jax_loop")
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "bench" / "gpu_reference.py"
 HEAD = ("precision", "mode", "batch", "spe", "steps", "samples/s", "ms/step", "data %",
         "compute samples/s", "note")
 
@@ -57,8 +68,11 @@ def parse_args(argv=None):
     p.add_argument("--steps-per-execution", type=int, nargs="+", default=[4])
     p.add_argument("--precision", nargs="+", choices=tuple(POLICIES), default=["fp32", "bf16"])
     p.add_argument("--modes", nargs="+", choices=MODES,
-                   default=["train_on_batch", "fit"])
+                   default=["train_on_batch", "fit", "jax_loop"])
     p.add_argument("--dir", type=Path, default=None, help="where to write the stores (temp)")
+    p.add_argument("--reference", type=Path, default=REFERENCE,
+                   help="the independent PyTorch reference benchmark (gpu_reference.py)")
+    p.add_argument("--no-reference", action="store_true", help="do not run the reference")
     p.add_argument("--chunk-depth", type=int, default=None,
                    help="slices per Zarr chunk (default: the whole ROI, as the roi stage writes)")
     return p.parse_args(argv)
@@ -153,6 +167,47 @@ def bench_fit(keras, paths, labels, args, policy, batch, spe, cached=False):
     return total, ds.read_seconds, steps
 
 
+def bench_jax_loop(keras, paths, labels, args, policy, batch, spe):
+    from covidct.model.dataset import RoiDataset
+    from covidct.model.jax_loop import JaxLoop
+
+    steps = max(spe, args.steps // spe * spe)
+    model = build(keras, args.size, policy)
+    many, ys = repeat_to(paths, labels, steps * batch)
+    loop = JaxLoop(model, spe)
+    warm = RoiDataset(many[:spe * batch], ys[:spe * batch], batch_size=batch,
+                      workers=args.workers)
+    loop.fit(warm, epochs=1)                    # compiles the multi-step call
+    ds = RoiDataset(many, ys, batch_size=batch, workers=args.workers, shuffle=True)
+    start = time.perf_counter()
+    loop.fit(ds, epochs=1)                      # ends with the state back on the host
+    total = time.perf_counter() - start
+    return total, ds.read_seconds, steps
+
+
+def reference_rows(args, precision: str, batch: int) -> list[dict]:
+    """The reference's JSON lines: plain PyTorch, then through torch.compile."""
+    import json
+    import subprocess
+
+    rows = []
+    for compiled in (False, True):
+        env = dict(os.environ, COMPILE="1") if compiled else \
+            {k: v for k, v in os.environ.items() if k != "COMPILE"}
+        cmd = [sys.executable, str(args.reference), "torch", precision, str(batch),
+               *map(str, args.size), str(args.steps)]
+        try:
+            out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
+            line = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else "{}"
+            row = json.loads(line)
+            if not out.stdout.strip():
+                row = {"ok": False, "error": out.stderr.strip().splitlines()[-1][:120]}
+        except Exception as err:
+            row = {"ok": False, "error": f"{type(err).__name__}: {err}"[:120]}
+        rows.append({**row, "compile": compiled})
+    return rows
+
+
 def device_description(keras) -> str:
     backend = keras.backend.backend()
     if backend == "jax":
@@ -193,14 +248,40 @@ def main(argv=None) -> int:
               flush=True)
         labels = np.arange(len(paths)) % 2
         print_row(HEAD, widths)
+        best: dict[tuple[str, str], float] = {}
         for precision in args.precision:
             for batch in args.batch:
                 for mode in args.modes:
-                    spes = args.steps_per_execution if mode.startswith("fit") else [1]
+                    spes = args.steps_per_execution if mode in ("fit", "fit_cached",
+                                                                "jax_loop") else [1]
                     for spe in spes:
-                        print_row(run_one(keras, paths, labels, args, precision, mode, batch,
-                                          spe), widths)
+                        row = run_one(keras, paths, labels, args, precision, mode, batch, spe)
+                        print_row(row, widths)
+                        if row[5] != "-" and mode != "read":
+                            key = (precision, mode)
+                            best[key] = max(best.get(key, 0.0), float(row[5]))
+    if not args.no_reference:
+        print_reference(args, best)
     return 0
+
+
+def print_reference(args, best: dict) -> None:
+    """The reference at the first batch size, then each mode's best as a ratio to it."""
+    batch = args.batch[0]
+    for precision in args.precision:
+        rows = reference_rows(args, precision, batch)
+        for row in rows:
+            name = "torch.compile" if row["compile"] else "torch"
+            if row.get("ok"):
+                print(f"reference {name} {precision} batch {batch}: {row['samples_per_s']} "
+                      f"samples/s (warm-up {row['warmup_s']} s, data on the device)", flush=True)
+            else:
+                print(f"reference {name} {precision}: failed ({row.get('error')})", flush=True)
+        plain = next((r["samples_per_s"] for r in rows if r.get("ok") and not r["compile"]),
+                     None)
+        for (p, mode), value in sorted(best.items()):
+            if p == precision and plain:
+                print(f"ratio {precision} {mode} (best) / torch: {value / plain:.2f}", flush=True)
 
 
 def run_one(keras, paths, labels, args, precision, mode, batch, spe):
@@ -214,6 +295,8 @@ def run_one(keras, paths, labels, args, precision, mode, batch, spe):
             total, read = bench_train_on_batch(keras, paths, labels, args, policy, batch)
             steps = args.steps
             compute = f"{steps * batch / (total - read):.2f}"
+        elif mode == "jax_loop":
+            total, read, steps = bench_jax_loop(keras, paths, labels, args, policy, batch, spe)
         else:
             total, read, steps = bench_fit(keras, paths, labels, args, policy, batch, spe,
                                            cached=mode == "fit_cached")

@@ -172,13 +172,20 @@ class TrainParams:
     workers: int = option(2, "threads reading ROI batches")
     steps_per_execution: int = option(
         1, "training steps per compiled call (4 nearly doubles the throughput on a GPU)")
+    loop: Literal["auto", "jax", "fit"] = option(
+        "auto", "training loop: jax (several steps compiled into one call, the state kept on "
+                "the device; the JAX backend only), fit (Keras's model.fit) or auto (jax on the "
+                "JAX backend, fit on the others)")
+    devices: int = option(
+        0, "data-parallel training over this many accelerators of the node on the JAX backend "
+           "(0 = all it sees; the batch is split between them)")
     cache: int = option(0, "decoded ROIs kept in memory per dataset (0: read every epoch)")
 
     def __post_init__(self):
         if self.epochs < 0 or self.batch_size < 1 or self.workers < 0 \
-                or self.steps_per_execution < 1:
-            raise CovidctError("epochs must be >= 0, batch size >= 1, workers >= 0 and steps "
-                               "per execution >= 1")
+                or self.steps_per_execution < 1 or self.devices < 0:
+            raise CovidctError("epochs must be >= 0, batch size >= 1, workers >= 0, steps "
+                               "per execution >= 1 and devices >= 0")
         if not 0.0 <= self.val_fraction < 1.0:
             raise CovidctError(f"the validation fraction must be in [0, 1), got "
                                f"{self.val_fraction}")

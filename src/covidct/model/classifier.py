@@ -208,6 +208,8 @@ class ClassifierTrainer(Trainer):
         self.init = None if init is None else str(init)
         self.synthetic = bool(synthetic)
         self.precision = params.mixed_precision
+        self.loop, self.devices = params.loop, params.devices
+        self.steps_per_call = params.steps_per_execution
         self.rule = name
 
     # ---- hooks -----------------------------------------------------------------------------

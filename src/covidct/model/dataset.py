@@ -12,6 +12,7 @@ import math
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,7 +108,11 @@ class RoiDataset(keras.utils.PyDataset):
         class_weight: {label: weight}; adds a third element, the per-sample weights.
         augment: None/False (off), True (default :class:`Augment`) or an :class:`Augment`.
         cache: keep up to this many decoded volumes in memory (0 = read every time).
-        workers, use_multiprocessing, max_queue_size: as ``keras.utils.PyDataset``
+        workers: threads reading the volumes of a batch. Keras itself reads the batches one
+            after the other: its threaded reader (``PyDataset(workers > 1)``) fetches the next
+            epoch's first batches before ``on_epoch_end`` has drawn that epoch's order, so the
+            batches, and the trained weights, would depend on thread timing.
+        use_multiprocessing, max_queue_size: as ``keras.utils.PyDataset``
             (``use_multiprocessing`` must stay False: the reads run in threads).
     """
 
@@ -120,7 +125,9 @@ class RoiDataset(keras.utils.PyDataset):
             raise ValueError(
                 "RoiDataset reads Zarr with threads; use_multiprocessing must be False"
             )
-        super().__init__(workers=workers, use_multiprocessing=False, max_queue_size=max_queue_size)
+        super().__init__(workers=1, use_multiprocessing=False, max_queue_size=max_queue_size)
+        self.readers = max(1, int(workers))
+        self._pool: ThreadPoolExecutor | None = None
         self.paths = [Path(p) for p in paths]
         if not self.paths:
             raise CovidctError("no ROI stores given")
@@ -231,16 +238,26 @@ class RoiDataset(keras.utils.PyDataset):
 
         start = time.perf_counter()
         idx = self.batch_indices(index)
-        x = None
-        for j, i in enumerate(idx):
-            volume = self.sample(int(i))
-            if x is None:
-                x = np.empty((len(idx),) + volume.shape + (1,), dtype=np.float32)
-            elif volume.shape != x.shape[1:4]:
+        first = self.sample(int(idx[0]))
+        x = np.empty((len(idx),) + first.shape + (1,), dtype=np.float32)
+
+        def fill(j: int, volume: np.ndarray | None = None) -> None:
+            volume = self.sample(int(idx[j])) if volume is None else volume
+            if volume.shape != x.shape[1:4]:
                 raise CovidctError(f"ROI stores of one batch differ in shape: {x.shape[1:4]} and "
                                    f"{volume.shape}", path=", ".join(str(self.paths[k])
                                                                      for k in idx))
             x[j, ..., 0] = volume                      # one pass: converts to float32 in place
+
+        fill(0, first)
+        if self.readers > 1 and len(idx) > 1:
+            with self._lock:
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(self.readers, thread_name_prefix="roi")
+            list(self._pool.map(fill, range(1, len(idx))))
+        else:
+            for j in range(1, len(idx)):
+                fill(j)
         out: tuple = (x,)
         if self.labels is not None:
             y = self.labels[idx].reshape(-1, 1)

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from covidct.errors import CovidctError
 from covidct.io.atomic import atomic_path, write_csv
 from covidct.io.results import remove_run, write_run
 from covidct.io.tracking import CANDIDATE_ALIAS, set_candidate_alias
@@ -51,6 +52,31 @@ def configure_keras(seed: int, precision: str = "none", deterministic: bool = Tr
         tf.config.experimental.enable_op_determinism()
     keras.mixed_precision.set_dtype_policy(PRECISION_POLICIES[precision])
     return keras
+
+
+@contextlib.contextmanager
+def data_parallel(keras, devices: int):
+    """Within the block, Keras distributes training over ``devices`` accelerators (0 = all) of
+    the JAX backend (``keras.distribution.DataParallel``); yields how many take part."""
+    if keras.backend.backend() != "jax" or devices == 1:
+        yield 1
+        return
+    import jax
+
+    available = jax.devices()
+    if devices > len(available):
+        raise CovidctError(f"training.devices is {devices} but JAX sees {len(available)} "
+                           f"device(s): {', '.join(str(d) for d in available)}")
+    chosen = available[:devices] if devices else available
+    if len(chosen) == 1:
+        yield 1
+        return
+    previous = keras.distribution.distribution()
+    keras.distribution.set_distribution(keras.distribution.DataParallel(devices=chosen))
+    try:
+        yield len(chosen)
+    finally:
+        keras.distribution.set_distribution(previous)
 
 
 def compute_device(keras) -> str:
@@ -136,6 +162,9 @@ class Trainer:
     rule = "train"                 # the workflow rule, an MLflow tag
     precision = "none"             # a key of PRECISION_POLICIES
     deterministic = True           # TensorFlow op determinism
+    loop = "fit"                   # auto | fit | jax (see training_loop)
+    steps_per_call = 1             # batches per compiled call of the jax loop
+    devices = 1                    # data-parallel devices on the JAX backend (0 = all)
     model_kind = "model"
 
     def __init__(self, out: str | Path, *, name: str, epochs: int, seed: int,
@@ -218,14 +247,21 @@ class Trainer:
         remove_run(self.out)          # a failed re-run must not leave the previous record
         self.prepare()
         keras = configure_keras(self.seed, self.precision, self.deterministic)
+        with data_parallel(keras, self.devices) as n_devices:
+            return self._train(keras, n_devices)
+
+    def _train(self, keras, n_devices: int) -> dict[str, Any]:
         model = self.build(keras)
         data = self.data()
         device = compute_device(keras)
-        log.info("%s: Keras %s on %s, computing on %s", self.name, keras.__version__,
-                 keras.backend.backend(), device)
+        loop = self.training_loop(keras)
+        log.info("%s: Keras %s on %s, computing on %s%s, training loop %s", self.name,
+                 keras.__version__, keras.backend.backend(), device,
+                 f" and {n_devices - 1} more (data parallel)" if n_devices > 1 else "",
+                 loop if loop == "fit" else f"{loop} ({self.steps_per_call} steps a call)")
         params = {**self.params(), "name": self.name, "epochs": self.epochs, "seed": self.seed,
                   "backend": keras.backend.backend(), "device": device,
-                  "keras_version": keras.__version__,
+                  "keras_version": keras.__version__, "loop": loop, "devices": n_devices,
                   "n_params": int(model.count_params())}
         tags = {"covidct.rule": self.rule, "covidct.model": self.model_kind, **self.tags(),
                 **self.extra_tags}
@@ -238,9 +274,8 @@ class Trainer:
             done = 0 if state is None else resume.restore(model, epochs, state, self, data)
             if self.epochs and done < self.epochs:
                 run_id = None if active is None else active.info.run_id
-                model.fit(data, epochs=self.epochs, initial_epoch=done, shuffle=False,
-                          verbose=0, callbacks=[epochs, *self.callbacks(keras),
-                                                resume.callback(keras, epochs, self, run_id)])
+                self.fit(keras, model, data, done, [epochs, *self.callbacks(keras),
+                                                    resume.callback(keras, epochs, self, run_id)])
             best = epochs.best_weights or model.get_weights()
             self.selected_row = epochs.rows[epochs.best_epoch - 1] if epochs.rows else {}
             final = self.final_model(keras, model, best)
@@ -281,6 +316,28 @@ class Trainer:
                  self.out / "model.keras", record["run_id"], record["registered_model"],
                  record["version"])
         return record
+
+    def training_loop(self, keras) -> str:
+        """``jax`` (the compiled loop of :mod:`covidct.model.jax_loop`) or ``fit``."""
+        if self.loop == "auto":
+            return "jax" if keras.backend.backend() == "jax" else "fit"
+        if self.loop == "jax" and keras.backend.backend() != "jax":
+            raise CovidctError(f"the jax training loop needs the JAX backend, not "
+                               f"{keras.backend.backend()} (set KERAS_BACKEND=jax, or "
+                               f"training.loop: fit)")
+        return self.loop
+
+    def fit(self, keras, model, data, initial_epoch: int, callbacks: list) -> None:
+        """Train ``model`` on ``data`` from ``initial_epoch`` with ``callbacks``."""
+        if self.training_loop(keras) == "jax":
+            from covidct.model.jax_loop import JaxLoop
+
+            JaxLoop(model, self.steps_per_call).fit(data, epochs=self.epochs,
+                                                    initial_epoch=initial_epoch,
+                                                    callbacks=callbacks)
+        else:
+            model.fit(data, epochs=self.epochs, initial_epoch=initial_epoch, shuffle=False,
+                      verbose=0, callbacks=callbacks)
 
     @contextlib.contextmanager
     def _tracking_run(self, tags, params, state=None):
