@@ -95,10 +95,15 @@ def test_dense_pleural_lesion_stays_inside(copd):
     ct2 = ct.copy()
     ct2[lesion] = 30
     with_fill, _ = threshold_lung_mask(ct2, sp)
-    without, _ = threshold_lung_mask(ct2, sp, replace(ThresholdParams(), pleural_depth_mm=0))
+    plain = replace(ThresholdParams(), pleural_depth_mm=0, lesion_fill=False)
+    without, _ = threshold_lung_mask(ct2, sp, plain)
+    bays_only, _ = threshold_lung_mask(ct2, sp, replace(plain, pleural_depth_mm=20.0))
+    lesion_only, _ = threshold_lung_mask(ct2, sp, replace(plain, lesion_fill=True))
     covered, covered_without = with_fill[lesion].mean(), without[lesion].mean()
     assert covered_without < 0.05            # a plain threshold loses the lesion
-    assert covered >= 0.5                    # the costal bay filling keeps most of it
+    assert bays_only[lesion].mean() >= 0.5   # the costal bay filling keeps most of it
+    assert lesion_only[lesion].mean() >= 0.5  # so does the lesion fill of the cavity
+    assert covered >= 0.5
     assert dice(with_fill, ref) >= 0.98      # without costing accuracy elsewhere
 
 

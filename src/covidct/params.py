@@ -82,6 +82,10 @@ class ThresholdParams:
     pleural_depth_mm: float = option(
         20.0, "fill bays on the costal side of the lungs (dense lesions on the pleura) up to "
               "this depth (mm; 0 = off)")
+    lesion_fill: bool = option(
+        False, "add the dense lesions each lung's cavity holds (against the chest wall, spine, "
+               "diaphragm and mediastinum) to the mask (off by default: on normal scans it "
+               "adds liver and chest wall)")
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,9 @@
 
 On a working grid of about 2 x 2 x 2.5 mm: the body, an Otsu threshold inside it, the trachea and
 main bronchi tracked and cut out, the two lungs kept (split when merged), holes filled, a 3-D
-closing and the shallow costal bays filled (dense lesions on the pleura); then back on the CT
+closing, the shallow costal bays filled (dense lesions on the pleura) and, with ``lesion_fill``
+(off by default), the dense lesions of each lung's cavity added
+(:mod:`covidct.preprocess.lung_cavity`); then back on the CT
 grid, the one-voxel border band decided voxel by voxel by the HU threshold.
 """
 
@@ -394,6 +396,15 @@ def threshold_lung_mask(ct, spacing, params: ThresholdParams | None = None):
     lung &= body
     lung &= ~airway_cut
     timings["fill_close_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    if p.lesion_fill:
+        from covidct.preprocess.lung_cavity import pathology_fill
+
+        labels = np.where(lung, sides, 0).astype(np.uint8)
+        lung |= pathology_fill(hu, labels, body, wsp, threshold, airway=airway_cut) > 0
+        lung &= ~airway_cut
+    timings["lesion_fill_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
     mask = upsample_refine(slabs, lung, fz, f, threshold)

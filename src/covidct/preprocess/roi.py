@@ -112,6 +112,24 @@ def box_percentile(values: np.ndarray, q: float) -> float:
     return a + (rank - k) * (b - a)
 
 
+def masked_mean_std(values: np.ndarray, inside: np.ndarray, slab: int = 16) -> tuple[float, float]:
+    """Mean and population sd of the float32 ``values`` where ``inside``, in float64.
+
+    Gathered slab by slab along the first axis (no full-size copy of the lung's voxels); the
+    sd is of the float32 deviations from the float32 mean, as ``np.std`` of a float32 array.
+    """
+    n = int(np.count_nonzero(inside))
+    total = sum(float(values[z:z + slab][inside[z:z + slab]].sum(dtype=np.float64))
+                for z in range(0, len(values), slab))
+    mean = total / n
+    m32 = np.float32(mean)
+    squares = 0.0
+    for z in range(0, len(values), slab):
+        d = values[z:z + slab][inside[z:z + slab]] - m32
+        squares += float(np.square(d, out=d).sum(dtype=np.float64))
+    return mean, float(np.sqrt(squares / n))
+
+
 def suppress_non_lung(ct_box: np.ndarray, mask_box: np.ndarray | None,
                       percentile: float = RoiParams.percentile,
                       n_std: float = RoiParams.n_std) -> tuple[np.ndarray, dict]:
@@ -131,10 +149,7 @@ def suppress_non_lung(ct_box: np.ndarray, mask_box: np.ndarray | None,
     inside = np.asarray(mask_box, bool)
     if not inside.any():
         return box, limits
-    lung = box[inside]
-    mean = float(lung.mean(dtype=np.float64))
-    std = float(np.sqrt(np.mean(np.square(lung - np.float32(mean), dtype=np.float64))))
-    del lung
+    mean, std = masked_mean_std(box, inside)
     lo, hi = mean - n_std * std, mean + n_std * std
     np.clip(box, np.float32(lo), np.float32(hi), out=box, where=~inside)
     limits.update(lung_mean_hu=mean, lung_std_hu=std, clamp_hu=[lo, hi])
@@ -178,6 +193,16 @@ def resize_and_zscore(box: np.ndarray, size, p: RoiParams) -> tuple[np.ndarray, 
     if p.zscore == "resized":
         mean, sd = zscore_stats(roi)
     return ((roi - np.float32(mean)) / np.float32(sd)).astype(np.float16), mean, sd
+
+
+def as_bool_mask(mask) -> np.ndarray:
+    """``mask != 0`` as a boolean array; a 0/1 uint8 mask (as stored) is viewed, not copied."""
+    mask = np.asarray(mask)
+    if mask.dtype == bool:
+        return mask
+    if mask.dtype == np.uint8 and mask.size and mask.max() <= 1:
+        return mask.view(bool)
+    return mask != 0
 
 
 def crop_to_box(array, bbox) -> np.ndarray:
@@ -284,9 +309,7 @@ def roi_from_arrays(ct, mask, spacing, params: RoiParams = RoiParams(), *,
     if tuple(mask.shape) != tuple(ct.shape):
         raise CovidctError(f"lung mask shape {tuple(mask.shape)} != CT shape {tuple(ct.shape)}",
                            step=STEP, patient=patient)
-    mask = np.asarray(mask)
-    if mask.dtype != bool:
-        mask = mask != 0
+    mask = as_bool_mask(mask)
     voxel_ml = float(np.prod(spacing)) / 1000.0
     lung_ml = float(np.count_nonzero(mask)) * voxel_ml
     if body_ml is None:
@@ -315,6 +338,10 @@ def roi_from_arrays(ct, mask, spacing, params: RoiParams = RoiParams(), *,
         bbox = body_bbox(np.asarray(ct[...]))   # the full-resolution body (a rare path)
     ct_box = crop_to_box(ct, bbox)
     mask_box = None if fallback else crop_to_box(mask, bbox)
+    from covidct.preprocess.qc import risk_of_loss
+
+    risk = ({"dense_outside_ml": None, "risk_slice": None} if fallback
+            else risk_of_loss(ct_box, mask_box, spacing, z0=bbox[0]))
     box, limits = suppress_non_lung(ct_box, mask_box, p.percentile, p.n_std)
     del ct_box
     roi, mean, sd = resize_and_zscore(box, size, p)
@@ -331,6 +358,7 @@ def roi_from_arrays(ct, mask, spacing, params: RoiParams = RoiParams(), *,
         "roi_spacing_mm": list(roi_spacing(spacing, bbox, size)),
         "ct_spacing_mm": list(spacing),
         "lung_volume_ml": round(lung_ml, 1), "body_volume_ml": round(body_ml, 1),
+        **risk,
         "fallback": bool(fallback), "reason": reason,
         "rules": {"min_area_fraction": p.min_area_fraction, "min_slices": p.min_slices,
                   "slice_rule": p.slice_rule, "plane_box": p.plane_box,
@@ -360,7 +388,7 @@ def make_roi(ct_path, lung_path, out_path, params: RoiParams = RoiParams(), *,
     if tuple(lung_img.array.shape) != tuple(ct.array.shape):
         raise CovidctError(f"lung mask shape {tuple(lung_img.array.shape)} != CT shape "
                            f"{tuple(ct.array.shape)}", step=STEP, patient=patient, path=lung_path)
-    mask = lung_img.read() != 0
+    mask = as_bool_mask(lung_img.read())
     try:
         roi, core = roi_from_arrays(
             ct.array, mask, ct.spacing, params,
@@ -391,9 +419,11 @@ def make_roi(ct_path, lung_path, out_path, params: RoiParams = RoiParams(), *,
     if qc_path:
         from covidct.preprocess.qc import save_qc_png
 
-        save_qc_png(qc_path, ct, mask, bbox, title=f"{patient or ct_path.parent.name}"
+        save_qc_png(qc_path, ct, mask, bbox, risk_slice=core["risk_slice"],
+                    title=f"{patient or ct_path.parent.name}"
                     + (f"  FALLBACK: {reason}" if fallback
-                       else f"  lung {core['lung_volume_ml']:.0f} ml"))
+                       else f"  lung {core['lung_volume_ml']:.0f} ml, dense outside the mask "
+                            f"{core['dense_outside_ml']:.0f} ml"))
     log.info("patient %s: roi bbox %s -> %s, clip %.0f HU%s in %.2f s", patient or "-", list(bbox),
              list(size), core["clip_hu"], " (fallback)" if fallback else "",
              time.perf_counter() - t0)

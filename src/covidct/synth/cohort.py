@@ -24,6 +24,8 @@ import pandas as pd
 from covidct.errors import CovidctError
 from covidct.io.atomic import write_csv
 from covidct.io.sheet import COLUMNS, LABELS
+from covidct.synth.lesions import CASES
+from covidct.synth.patient import LUNG_MASK
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,7 @@ EXTRA_COLUMNS = (
     "seed",
     "severity",
     "emphysema",
+    "case",
     "matrix",
     "pixel_mm",
     "slice_mm",
@@ -154,7 +157,9 @@ def cohort_table(config: Mapping[str, Any], root: str = "results/synth") -> pd.D
 
     ``config`` is the whole workflow config (or just its ``synthetic`` section); ``root`` is
     where :func:`write_patient` puts each patient: ``{root}/{site}/{patient}/dicom`` (a folder)
-    or ``{root}/{site}/{patient}/ct.nii.gz``, and ``{root}/{site}/{patient}/lung_mask.nii.gz``.
+    or ``{root}/{site}/{patient}/ct.nii.gz``, and ``{root}/{site}/{patient}/lung_mask.nii.gz``
+    (a site's ``cases``, dense lesion cases given in turn to its patients, also
+    ``lesion_mask.nii.gz`` there).
     """
     syn = dict(config.get("synthetic", config) or {})
     cohort_seed = int(syn.get("seed", 2020))
@@ -204,6 +209,11 @@ def cohort_table(config: Mapping[str, Any], root: str = "results/synth") -> pd.D
             else set()
         )
         px = float(scanner["fov_mm"]) / int(scanner["matrix"])
+        cases = list(spec.get("cases") or [])
+        unknown = [c for c in cases if c not in CASES]
+        if unknown:
+            raise CovidctError(f"{where}: unknown lesion cases {unknown} (known: "
+                               f"{', '.join(CASES)})")
         for i, label in enumerate(labels):
             seed = patient_seed(cohort_seed, site, i)
             rng = np.random.default_rng([seed, 4])
@@ -227,11 +237,12 @@ def cohort_table(config: Mapping[str, Any], root: str = "results/synth") -> pd.D
                     comorbidity=clin["comorbidity"],
                     stay_days=stay,
                     discharged=discharged,
-                    mask=f"{folder}/lung_mask.nii.gz",
+                    mask=f"{folder}/{LUNG_MASK}",
                     format=fmt,
                     seed=seed,
                     severity=clin["severity"],
                     emphysema=clin["emphysema"],
+                    case=cases[i % len(cases)] if cases else "",
                     matrix=int(scanner["matrix"]),
                     pixel_mm=round(px, 6),
                     slice_mm=float(scanner["slice_mm"]),

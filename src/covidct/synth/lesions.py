@@ -444,8 +444,71 @@ def _emphysema(les: Lesions, amount: float):
         les.blob(c, np.full(3, rng.uniform(3.0, 8.0)), 0.0, layer="e", rough=0.2)
 
 
-def add_lesions(les: Lesions, label: str, sev: float, airways: tuple):
-    if label == "covid":
+# --------------------------------------------------------------------------- the dense cases
+# Dense lesions against the lung's walls (the cases a threshold mask loses): each is solid
+# consolidation (15-45 HU), so its exact mask is the lesion weight over one half.
+
+def _lobar_wall(les: Lesions, sev: float):
+    """Lobar consolidation of the right lower lobe against the lateral and posterior chest wall."""
+    rng = les.rng
+    z, y, x = les.coords()
+    an = les.an
+    lateral = np.clip((an.bx - x) / max(0.5 * an.A, 1.0), 0, 1)      # right = lower x
+    posterior = np.clip((y - an.by) / max(an.B_post, 1.0), 0, 1)
+    depth = (20.0 + 25.0 * sev) * (0.4 + 0.6 * np.maximum(lateral, posterior))
+    region = (les.lobes() == 3) & (les.dist < depth)
+    w = smoothstep(0.0, 1.0, ndimage.gaussian_filter(region.astype(np.float32), 0.7) * 2.0)
+    les.add("c", (slice(None),) * 3, (w * les.mask).astype(np.float32), rng.uniform(20, 40))
+    les.info.update(case="lobar_wall", lobe=3)
+
+
+def _paravertebral_mass(les: Lesions, sev: float):
+    """A solid mass in the lung beside the spine (a paravertebral gutter), 20-30 mm across."""
+    rng = les.rng
+    an = les.an
+    side = int(rng.choice([RIGHT, LEFT]))
+    z, y, x = les.coords()
+    spine = ((y - (an.by + an.sp_v)) ** 2 + (x - an.bx) ** 2)
+    z_level = an.z_carina - rng.uniform(30, 60)
+    r = 14.0 + 6.0 * sev
+    # the centre: the lung point nearest the spine at that level, 0.8 radii from the pleura
+    inner = (les.side == side) & (les.dist >= 0.8 * r)
+    score = np.where(inner, np.sqrt(spine) + 2.0 * np.abs(z - z_level), np.inf)
+    c = np.array(np.unravel_index(int(np.argmin(score)), score.shape))
+    les.blob(c, np.array([1.3, 1.0, 1.0]) * r, rng.uniform(25, 45), layer="c", rough=0.12,
+             sharp=0.12)
+    les.info.update(case="paravertebral_mass", side="right" if side == RIGHT else "left",
+                    mass_radius_mm=round(r, 1))
+
+
+def _basal_subpleural(les: Lesions, sev: float):
+    """Dense subpleural COVID-19 consolidation at both bases, posterior, on the pleura, with a
+    ground-glass rim."""
+    rng, g = les.rng, les.grid
+    z, y, x = les.coords()
+    an = les.an
+    low = np.clip(1.0 - (z - an.z_dome_l) / 70.0, 0, 1)
+    posterior = np.clip((y - an.by + 0.2 * an.B_ant) / (0.6 * an.B_post + 0.2 * an.B_ant), 0, 1)
+    band = (4.0 + 6.0 * sev) * (0.3 + 0.7 * posterior) * low
+    field = band - les.dist + 3.0 * smooth_noise(rng, les.mask.shape, g.spacing, 12.0)
+    core = smoothstep(-1.0, 1.0, field) * les.mask * (low > 0)
+    rim = smoothstep(-6.0, -1.0, field) * les.mask * 0.9 * (low > 0)
+    les.add("c", (slice(None),) * 3, core.astype(np.float32), rng.uniform(15, 40))
+    les.add("g", (slice(None),) * 3, rim.astype(np.float32), rng.uniform(-560, -420))
+    les.info.update(case="basal_subpleural")
+
+
+CASES = {"lobar_wall": _lobar_wall, "paravertebral_mass": _paravertebral_mass,
+         "basal_subpleural": _basal_subpleural}
+
+
+def add_lesions(les: Lesions, label: str, sev: float, airways: tuple, case: str = ""):
+    """The label's lesions, or with ``case`` one of the dense :data:`CASES` instead."""
+    if case:
+        if case not in CASES:
+            raise ValueError(f"no lesion case {case!r} (known: {', '.join(CASES)})")
+        CASES[case](les, sev)
+    elif label == "covid":
         _covid(les, sev)
     elif label == "viral":
         _viral(les, sev)

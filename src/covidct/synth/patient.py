@@ -25,6 +25,10 @@ from covidct.io.sheet import LABELS
 log = logging.getLogger(__name__)
 
 STUDY_DATE = (2020, 2, 1)
+# the files written beside the scan: the exact lung mask (lesions included) and, for the dense
+# lesion cases, the exact lesion mask
+LUNG_MASK = "lung_mask.nii.gz"
+LESION_MASK = "lesion_mask.nii.gz"
 
 
 @dataclass
@@ -40,6 +44,7 @@ class PatientSpec:
     seed: int = 0
     severity: float = 0.5
     emphysema: float = 0.0
+    case: str = ""                 # a dense lesion case (covidct.synth.lesions.CASES) instead
     matrix: int = 128
     pixel_mm: float = 2.75
     slice_mm: float = 2.5
@@ -106,7 +111,7 @@ def _render(spec: PatientSpec, lesions: bool = True) -> dict[str, Any]:
                       padding_hu=spec.padding_hu)
     try:
         return render(spec.seed, spec.label, spec.severity, scanner, age=spec.age, sex=spec.sex,
-                      emphysema=spec.emphysema, lesions=lesions)
+                      emphysema=spec.emphysema, lesions=lesions, case=spec.case)
     except ValueError as err:
         raise CovidctError(str(err), step="synth", patient=spec.patient) from None
 
@@ -117,7 +122,7 @@ def make_patient(row: Mapping[str, Any] | pd.Series, *, lesions: bool = True, tr
     ``row`` is a cohort row (or any mapping of :class:`PatientSpec` fields; missing ones take
     defaults). ``lesions=False`` gives the same patient without disease (same anatomy and
     noise). ``truth=True`` appends a dict with the phantom's ``tissue`` codes, ``lesion`` weight
-    map, lung ``side`` labels (1 right, 2 left) and ``info``.
+    map, exact ``lesion_mask``, lung ``side`` labels (1 right, 2 left) and ``info``.
     """
     spec = row if isinstance(row, PatientSpec) else PatientSpec.from_row(row)
     out = _render(spec, lesions=lesions)
@@ -128,7 +133,7 @@ def make_patient(row: Mapping[str, Any] | pd.Series, *, lesions: bool = True, tr
         _origin(spec),
     )
     if truth:
-        extra = {k: out[k] for k in ("tissue", "lesion", "side", "info")}
+        extra = {k: out[k] for k in ("tissue", "lesion", "lesion_mask", "side", "info")}
         extra["anatomy"] = out["anatomy"]
         return result + (extra,)
     return result
@@ -228,8 +233,11 @@ def _sitk_image(array: np.ndarray, spacing_zyx, origin_xyz):
 
 
 def write_patient(row: Mapping[str, Any] | pd.Series, image: str | Path | None = None,
-                  mask: str | Path | None = None) -> dict[str, Any]:
-    """Build one patient and write its scan and exact lung mask (each atomically)."""
+                  mask: str | Path | None = None,
+                  lesion_mask: str | Path | None = None) -> dict[str, Any]:
+    """Build one patient and write its scan and exact lung mask (each atomically); a dense
+    lesion case (or any patient given ``lesion_mask``) also its exact lesion mask, by default
+    beside the lung mask."""
     import SimpleITK as sitk
 
     from covidct.synth.dicom import write_series
@@ -240,14 +248,16 @@ def write_patient(row: Mapping[str, Any] | pd.Series, image: str | Path | None =
         or spec.image
         or f"{spec.patient}/{'dicom' if spec.format == 'dicom' else 'ct.nii.gz'}"
     )
-    mask = Path(mask or spec.mask or image.parent / "lung_mask.nii.gz")
+    mask = Path(mask or spec.mask or image.parent / LUNG_MASK)
+    if lesion_mask is None and spec.case:
+        lesion_mask = mask.parent / LESION_MASK
     fmt = "nifti" if image.name.endswith((".nii", ".nii.gz")) else spec.format
     if fmt == "nifti" and not image.name.endswith((".nii", ".nii.gz")):
         raise CovidctError(
             "a NIfTI output must end in .nii or .nii.gz", patient=spec.patient, path=image
         )
     t0 = time.perf_counter()
-    volume, lung_mask, spacing, origin = make_patient(spec)
+    volume, lung_mask, spacing, origin, truth = make_patient(spec, truth=True)
     t1 = time.perf_counter()
     if fmt == "dicom":
         # stored values are unsigned: the intercept puts the padding value at or above 0
@@ -273,6 +283,10 @@ def write_patient(row: Mapping[str, Any] | pd.Series, image: str | Path | None =
             sitk.WriteImage(_sitk_image(volume, spacing, origin), str(tmp), True)
     with atomic_path(mask) as tmp:
         sitk.WriteImage(_sitk_image(lung_mask, spacing, origin), str(tmp), True)
+    if lesion_mask is not None:
+        lesion_mask = Path(lesion_mask)
+        with atomic_path(lesion_mask) as tmp:
+            sitk.WriteImage(_sitk_image(truth["lesion_mask"], spacing, origin), str(tmp), True)
     t2 = time.perf_counter()
     lung_ml = float(lung_mask.sum()) * float(np.prod(spacing)) / 1000.0
     log.info(
@@ -293,6 +307,7 @@ def write_patient(row: Mapping[str, Any] | pd.Series, image: str | Path | None =
     return dict(
         image=str(image),
         mask=str(mask),
+        lesion_mask=None if lesion_mask is None else str(lesion_mask),
         shape=volume.shape,
         spacing=spacing,
         origin=origin,
@@ -316,6 +331,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--mask", default=None,
                         help="output lung mask .nii.gz (default: the row's mask, beside the image)")
+    parser.add_argument("--lesion-mask", default=None,
+                        help="output exact lesion mask .nii.gz (default: beside the lung mask for "
+                             "a dense lesion case, else none)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -339,5 +357,5 @@ def run(args: argparse.Namespace) -> int:
                 "patient not in the cohort table", patient=args.patient, path=args.cohort
             )
         row = rows.iloc[0].to_dict()
-    write_patient(row, image=args.image, mask=args.mask)
+    write_patient(row, image=args.image, mask=args.mask, lesion_mask=args.lesion_mask)
     return 0

@@ -233,9 +233,12 @@ def paint_trees(hu, lesion, side, grid: Grid, bv_arr, vn_arr, les: Lesions) -> t
 
 
 def render(seed: int, label: str, severity: float, scanner: Scanner, *, age: float = 50.0,
-           sex: str = "M", emphysema: float = 0.0, lesions: bool = True) -> dict[str, Any]:
-    """Build one patient. Returns volume (int16 HU), lung_mask (uint8), tissue (uint8 codes),
-    lesion (float32 truth weight), side (uint8, 1 right / 2 left lung) and info."""
+           sex: str = "M", emphysema: float = 0.0, lesions: bool = True,
+           case: str = "") -> dict[str, Any]:
+    """Build one patient. Returns volume (int16 HU), lung_mask (uint8, lesions included),
+    lesion_mask (uint8: lesion weight over one half, inside the lung), tissue (uint8 codes),
+    lesion (float32 truth weight), side (uint8, 1 right / 2 left lung) and info. ``case``
+    replaces the label's lesions by one of the dense lesion cases (``lesions.CASES``)."""
     grid = scanner.grid()
     an = draw_anatomy(rng_for(seed, STREAM_ANATOMY), grid, sex=sex, age=age)
     structures = mediastinal_structures(an, grid)
@@ -251,7 +254,7 @@ def render(seed: int, label: str, severity: float, scanner: Scanner, *, age: flo
     if emphysema > 0:
         _emphysema(les, emphysema)
     if lesions:
-        add_lesions(les, label, float(severity), bv_arr)
+        add_lesions(les, label, float(severity), bv_arr, case=case)
     les.info.pop("hila", None)
     truth_box = les.apply(hu)
     lesion = np.zeros(grid.shape, np.float32)
@@ -264,5 +267,7 @@ def render(seed: int, label: str, severity: float, scanner: Scanner, *, age: flo
     info = dict(les.info)
     info.update(lesion_fraction=float((lesion[lung] > 0.5).mean()) if lung.any() else 0.0,
                 n_vessel_segments=n_vessels, n_airway_segments=n_airways)
-    return dict(volume=volume, lung_mask=lung.astype(np.uint8), tissue=tissue, lesion=lesion,
+    lesion_mask = ((lesion > 0.5) & lung).astype(np.uint8)
+    return dict(volume=volume, lung_mask=lung.astype(np.uint8), lesion_mask=lesion_mask,
+                tissue=tissue, lesion=lesion,
                 side=side, spacing=grid.spacing, anatomy=an, info=info, grid=grid)
