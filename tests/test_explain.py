@@ -294,6 +294,7 @@ np.save(sys.argv[3], saliency(model, roi))
 """
 
 
+@pytest.mark.slow
 def test_saliency_jax_branch_agrees_with_tensorflow(tmp_path):
     """The jax.grad branch on the same saved model (runs where JAX is installed, e.g. GPU nodes)."""
     import importlib.util

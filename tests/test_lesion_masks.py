@@ -75,6 +75,7 @@ def test_case_writes_exact_lesion_mask_beside_lung_mask(tmp_path):
     assert not (lesion_a & ~lung_a.astype(bool)).any()      # the lung mask includes the lesion
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["lobar_wall", "paravertebral_mass", "basal_subpleural"])
 def test_cases_hold_dense_lesions_on_the_walls(segmented, name):
     """Each case's lesion is dense and touches the lung's walls (what a threshold loses)."""
@@ -86,6 +87,7 @@ def test_cases_hold_dense_lesions_on_the_walls(segmented, name):
     assert plain_inclusion < 0.5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(PATIENTS))
 def test_fill_keeps_more_of_the_lesions(segmented, name):
     """The lesion fill keeps at least the lesion share and the Dice the method reaches today
@@ -98,6 +100,7 @@ def test_fill_keeps_more_of_the_lesions(segmented, name):
     assert inclusion >= plain_inclusion and d >= plain_dice - 0.005
 
 
+@pytest.mark.slow
 @pytest.mark.xfail(reason="issue 15 target not yet reached by the classical fill (see REACHED)",
                    strict=True)
 @pytest.mark.parametrize("name", sorted(PATIENTS))
@@ -108,6 +111,7 @@ def test_issue_targets(segmented, name):
         assert d >= TARGET_DICE
 
 
+@pytest.mark.slow
 def test_risk_of_loss_finds_the_lost_lesion(segmented):
     """Dense tissue outside the plain threshold mask: the lesion's slices."""
     case = segmented["lobar_wall"]

@@ -115,6 +115,7 @@ def test_bad_input_shape():
         covid19net((240, 360))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax is not installed")
 def test_same_code_runs_on_jax():
     code = ("import numpy as np, keras; from covidct.model.architecture import covid19net;"

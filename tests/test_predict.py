@@ -98,6 +98,7 @@ def cox_by_hand(cox: dict, feature: np.ndarray, age: float, sex: str, comorbidit
     return float(-np.sum(np.array(cox["coefficients"]) * (x - cox["mean"]) / cox["sd"]))
 
 
+@pytest.mark.slow
 def test_nifti_cli_matches_the_workflow_stages(tmp_path, real_data, model_files):
     from matplotlib.image import imread
 

@@ -388,6 +388,7 @@ def test_dataset_blur_and_noise():
     assert Augment().noise == Augment().blur == Augment().non_lung == 0.0  # off by default
 
 
+@pytest.mark.slow
 def test_init_from_a_registered_model_alias(cohort, trained):
     """training.init may name a registered model: models:/NAME@ALIAS is fetched and loaded."""
     import keras
