@@ -64,17 +64,16 @@ def compiled_steps(model, state: State):
 
 def batch_sharding(distribution, batch: int):
     """Where a batch goes: split along its first axis over the devices of ``distribution``,
-    whole on every device where it does not split evenly, or None (one device)."""
+    whole on every device where it does not split evenly, or None (no distribution: the
+    default device)."""
     if distribution is None:
         return None
-    import jax
     from jax.sharding import NamedSharding, PartitionSpec
 
     mesh = distribution.device_mesh.backend_mesh
     name = distribution.batch_dim_name
     split = batch % mesh.shape[name] == 0
-    return NamedSharding(mesh, PartitionSpec(name) if split else PartitionSpec()) \
-        if jax.device_count() > 1 else None
+    return NamedSharding(mesh, PartitionSpec(name) if split else PartitionSpec())
 
 
 def read_ahead(data, ahead: int) -> Iterator[tuple]:

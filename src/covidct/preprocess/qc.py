@@ -16,6 +16,7 @@ import pandas as pd
 
 from covidct.errors import CovidctError
 from covidct.io.atomic import save_figure, write_csv
+from covidct.preprocess.lung_cavity import CavityRules, present_around
 
 log = logging.getLogger(__name__)
 
@@ -23,15 +24,19 @@ LUNG_WINDOW = (-1350.0, 150.0)
 # dense tissue: consolidation, masses, dense ground glass (not bone)
 DENSE_HU = (-300.0, 200.0)
 # the lung cavity: where the mask holds lung in the same column within this far above and below
-CAVITY_MM = 70.0
+# (the lesion fill's own reach)
+CAVITY_MM = CavityRules.enclose_mm
 PANEL_INCHES = 4.5          # at the default 64 dpi: 288 px a panel
+
+
+def cavity_slices(spacing) -> int:
+    """``CAVITY_MM`` in slices of ``spacing``."""
+    return max(1, int(round(CAVITY_MM / float(spacing[0]))))
 
 
 def dense_outside(ct_box: np.ndarray, mask_box: np.ndarray, spacing) -> np.ndarray:
     """Dense tissue inside the lung cavity but outside the mask (boolean, on the box)."""
-    from covidct.preprocess.lung_cavity import present_around
-
-    n = max(1, int(round(CAVITY_MM / float(spacing[0]))))
+    n = cavity_slices(spacing)
     dense = (ct_box >= DENSE_HU[0]) & (ct_box < DENSE_HU[1])
     return dense & ~mask_box & present_around(mask_box, n)
 
@@ -80,7 +85,7 @@ def _views(ct, mask, bbox):
 def dense_outside_slice(axial: np.ndarray, mask: np.ndarray, z: int, spacing) -> np.ndarray:
     """:func:`dense_outside` of the one slice ``z`` (``axial`` its HU, ``mask`` the whole lung
     mask): the cavity test reads only the slices within ``CAVITY_MM`` of it."""
-    n = max(1, int(round(CAVITY_MM / float(spacing[0]))))
+    n = cavity_slices(spacing)
     below = np.asarray(mask[max(0, z - n):z], bool).any(axis=0)
     above = np.asarray(mask[z + 1:z + 1 + n], bool).any(axis=0)
     dense = (axial >= DENSE_HU[0]) & (axial < DENSE_HU[1])
