@@ -199,6 +199,45 @@ def test_a_weights_only_file_at_another_size_imports_too(tmp_path, their_files):
     assert roi["min_pixels"] == 20 and roi["zscore"] == "resized"
 
 
+def test_their_file_starts_a_fine_tuning_directly(their_files):
+    """``training.init: FILE.h5``: fine-tuning starts from their weights, at the ROI's size, and
+    only with their architecture."""
+    from covidct.errors import CovidctError
+    from covidct.model.classifier import initial_model
+
+    net, path, *_ = their_files
+    model = initial_model((8, 48, 64), path, architecture="authors")
+    assert tuple(model.inputs[0].shape[1:4]) == (8, 48, 64)
+    for a, b in zip(model.get_weights(), net.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(CovidctError, match="training.architecture: authors"):
+        initial_model(SIZE, path, architecture="covidct")
+
+
+def test_their_file_is_a_trained_system_directly(tmp_path, their_files):
+    """``system: FILE.h5`` (and ``covidct predict --system FILE.h5``): imported once into the
+    cache, taken from there while the file is unchanged, imported again when it changes."""
+    import keras
+
+    from covidct.inference.system import open_system
+
+    net, path, x, prob, _ = their_files
+    cache = tmp_path / "cache"
+    system = open_system(path, cache=cache)
+    assert system.source == str(path) and system.architecture == "authors"
+    assert system.preprocessing["roi"]["zscore"] == "resized"
+    model = keras.models.load_model(system.model, compile=False)
+    np.testing.assert_allclose(model.predict(x, verbose=0), prob, atol=1e-5)
+    stamp = system.model.stat().st_mtime_ns
+    assert open_system(path, cache=cache).model.stat().st_mtime_ns == stamp
+    changed = their_network(SIZE)
+    randomise(changed, seed=8)
+    save_keras2_h5(changed, tmp_path / "retrained.h5")
+    again = open_system(tmp_path / "retrained.h5", cache=cache)
+    assert again.model.stat().st_mtime_ns != stamp
+    assert again.plan["training_data"]["file"] == "retrained.h5"
+
+
 @pytest.mark.parametrize("change, words", [
     ({"drop": "block_21_1_1_conv"},
      "weighted layer 19 of the authors' COVID-19Net, 'block_21_1_1_conv', is not in the file; "
@@ -238,3 +277,29 @@ def test_the_paper_config_has_the_authors_roi_network_and_cohort(repo):
     assert cfg["training"]["architecture"] == "authors"
     assert cfg["prognosis"]["min_follow_up_days"] == 5
     assert cfg["evaluation"]["threshold"] == 0.8            # their test.py's cut-off
+
+
+@pytest.mark.slow
+def test_their_file_is_the_workflows_system_at_a_new_hospital(repo, real_data, tmp_path,
+                                                               their_files):
+    """``system: myDenseNetv2_COVID-19.h5``: the workflow imports it once into results/system/
+    and plans the new hospital's evaluation with it, training nothing."""
+    import yaml
+    from test_roles import _jobs, _sheet
+    from test_workflow import _snakemake, _workdir
+
+    _, path, *_ = their_files
+    workdir = _workdir(repo, tmp_path / "hospital")
+    sheet = _sheet(real_data, workdir / "samples.tsv",
+                   [("c1", "hospC", "cap001"), ("c2", "hospC", "P001")])
+    config = workdir / "authors.yaml"
+    config.write_text(yaml.safe_dump({"samples": str(sheet), "system": str(path),
+                                      "sites": {"hospC": {"role": "diagnosis"}}}))
+    dry = _snakemake(workdir, "-n", "--configfile", str(config), "--replace-workflow-config")
+    jobs = _jobs(dry)
+    assert not {"pretrain_egfr", "finetune_covid", "train_random_init"} & set(jobs), jobs
+    assert jobs["predict_finetune_covid"] == 1 and jobs["roi"] == 2, jobs
+    [plan] = (workdir / "results" / "system").glob("*/plan.json")
+    plan = json.loads(plan.read_text())
+    assert plan["architecture"] == "authors" and plan["training_data"]["file"] == path.name
+    assert plan["preprocessing"]["roi"]["slice_rule"] == "neighbours"

@@ -158,3 +158,33 @@ def _has(cfg, keys):
             return False
         cfg = cfg[key]
     return True
+
+
+# the method keys config/paper.yaml sets apart from its scale (cohort, input size, hardware, length)
+PAPER_SCALE = {("samples",), ("sites",), ("segmentation",), ("explain",), ("mlflow",),
+               ("roi", "size"), ("roi", "min_pixels"), ("roi", "allow_fallback")}
+
+
+def test_the_authors_method_at_demo_scale_is_the_paper_configs(repo):
+    """config/authors.yaml sets the authors' method as config/paper.yaml has it: each value it
+    sets is paper.yaml's, and every method value where paper.yaml and the demo differ is set."""
+    demo = yaml.safe_load((repo / "config" / "config.yaml").read_text())
+    paper = yaml.safe_load((repo / "config" / "paper.yaml").read_text())
+    authors = yaml.safe_load((repo / "config" / "authors.yaml").read_text())
+    for key in _keys(authors):
+        assert _get(paper, key) == _get(authors, key), ".".join(key)
+    hardware = {"backend", "accelerator", "batch_size", "epochs", "mixed_precision", "workers",
+                "steps_per_execution", "learning_curve", "loop", "devices"}
+    method = [k for k in _keys(paper) if not any(k[:len(s)] == s for s in PAPER_SCALE)
+              and not (k[0] == "training" and k[1] in hardware)]
+    differ = [k for k in method if _has(demo, k) and _get(demo, k) != _get(paper, k)]
+    assert differ and [k for k in differ if not _has(authors, k)] == []
+    for section, values in authors.items():
+        demo[section].update(values)
+    validate(demo, str(repo / "workflow" / "schemas" / "config.schema.yaml"))
+
+
+def _get(cfg, keys):
+    for key in keys:
+        cfg = cfg[key]
+    return cfg

@@ -434,9 +434,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("scan", type=Path, help="DICOM folder (searched recursively) or "
                         "NIfTI/MHA/NRRD file of one chest CT")
     what = parser.add_mutually_exclusive_group(required=True)
-    what.add_argument("--system", default=None, metavar="DIR|MODEL_URI",
-                      help="a trained system: its folder (results/models/finetune_covid) or a "
-                           "registered model (models:/covidct-finetune_covid/1, ...@ALIAS); the "
+    what.add_argument("--system", default=None, metavar="DIR|MODEL_URI|FILE.h5",
+                      help="a trained system: its folder (results/models/finetune_covid), a "
+                           "registered model (models:/covidct-finetune_covid/1, ...@ALIAS) or "
+                           "the authors' myDenseNetv2_COVID-19.h5 (imported on the fly); the "
                            "scan is processed as its plan says, and a flag below overrides the "
                            "plan only with a warning")
     what.add_argument("--model", type=Path, default=None,

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from covidct.errors import CovidctError
-from covidct.io.results import read_plan, read_run, write_plan
+from covidct.io.results import PLAN_JSON, read_plan, read_run, write_plan
 from covidct.params import EvaluationParams, TrackingParams, add_options, from_args
 
 log = logging.getLogger(__name__)
@@ -149,10 +149,14 @@ def _log_to_run(tracking: TrackingParams, run_id: str, files) -> None:
 
 def open_system(source: str | Path, tracking: TrackingParams = TrackingParams(),
                 cache: str | Path | None = None) -> System:
-    """A system from its folder, or from an MLflow model URI (``models:/NAME/VERSION``,
-    ``models:/NAME@ALIAS``), downloaded into ``cache`` (default: a temporary folder)."""
+    """A system from its folder, from an MLflow model URI (``models:/NAME/VERSION``,
+    ``models:/NAME@ALIAS``) downloaded into ``cache``, or from the authors' Keras 2 ``.h5``
+    imported into ``cache`` as ``covidct import-weights`` does (default: a temporary folder)."""
+    from covidct.model.authors import is_keras2_file
     from covidct.model.saved import is_model_uri
 
+    if is_keras2_file(source):
+        return _import(Path(source), cache)
     if not is_model_uri(source):
         root = Path(source)
         if not root.is_dir():
@@ -160,6 +164,22 @@ def open_system(source: str | Path, tracking: TrackingParams = TrackingParams(),
                                "model URI)", step=STEP, path=root)
         return System(root, read_plan(root), str(source))
     return System(*_download(str(source), tracking, cache), str(source))
+
+
+def _import(h5: Path, cache) -> System:
+    """The authors' weights file as a system: imported once into ``cache`` (again when the
+    file's content changes)."""
+    import tempfile
+
+    from covidct.model.authors import file_sha256, import_weights
+
+    root = Path(cache or tempfile.mkdtemp(prefix="covidct-system-"))
+    digest = file_sha256(h5) if h5.is_file() else None
+    if (root / PLAN_JSON).is_file():
+        plan = read_plan(root)
+        if digest and plan.get("training_data", {}).get("sha256") == digest:
+            return System(root, plan, str(h5))
+    return System(root, import_weights(h5, root), str(h5))
 
 
 def _download(uri: str, tracking: TrackingParams, cache) -> tuple[Path, dict]:

@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 STEP = "import-weights"
 ARCHITECTURE = "authors"
 AUTHORS_THRESHOLD = 0.8           # their test.py's cut-off
+H5_SUFFIXES = (".h5", ".hdf5")
 SOURCE = "the authors' published weights (github.com/wangshuocas/COVID-19, ERSCOVIDTest/model)"
 
 
@@ -186,6 +187,25 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def is_keras2_file(path: str | Path) -> bool:
+    """A Keras 2 HDF5 file by its name (``.h5``, ``.hdf5``), as the authors published them."""
+    return Path(str(path)).suffix.lower() in H5_SUFFIXES
+
+
+def authors_model(h5: str | Path, size: Sequence[int] | None = None):
+    """The authors' COVID-19Net holding the weights of their HDF5 file, and the file's facts.
+    ``size`` (D, H, W) defaults to the file's input size, else 48x240x360; the weights fit any
+    size (convolutions, global pooling, one dense layer)."""
+    from covidct.model.architecture import PAPER_INPUT_SHAPE, covid19net
+
+    h5 = Path(h5)
+    layers, facts = read_keras2_layers(h5)
+    shape = tuple(int(s) for s in (size or facts["input_shape"] or PAPER_INPUT_SHAPE))
+    model = covid19net(shape, name="covid19net", architecture=ARCHITECTURE)
+    set_authors_weights(model, layers, h5)
+    return model, facts
+
+
 def import_weights(h5: str | Path, out: str | Path, *, size: Sequence[int] | None = None,
                    roi: RoiParams | None = None, threshold: float = AUTHORS_THRESHOLD,
                    task: str = "covid") -> dict[str, Any]:
@@ -194,13 +214,11 @@ def import_weights(h5: str | Path, out: str | Path, *, size: Sequence[int] | Non
     size, else 48x240x360; ``roi`` to the authors' rules (``AUTHORS_ROI``)."""
     from covidct.io.atomic import atomic_path
     from covidct.io.results import write_plan, write_run
-    from covidct.model.architecture import PAPER_INPUT_SHAPE, covid19net
 
     h5, out = Path(h5), Path(out)
-    layers, facts = read_keras2_layers(h5)
-    shape = tuple(int(s) for s in (size or facts["input_shape"] or PAPER_INPUT_SHAPE))
-    model = covid19net(shape, name="covid19net", architecture=ARCHITECTURE)
-    set_authors_weights(model, layers, h5)
+    model, facts = authors_model(h5, size)
+    shape = tuple(int(s) for s in model.inputs[0].shape[1:4])
+    layers = [layer for layer in model.layers if layer.weights]
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "model.keras") as tmp:
         model.save(tmp)

@@ -125,14 +125,21 @@ def resolve_model(source: str | Path, tracking: TrackingParams) -> Path:
 
 def load_pretrained(init: Path, input_shape: Sequence[int],
                     architecture: str = TrainParams.architecture):
-    """The weights of a saved COVID-19Net, checked against ``input_shape`` (D, H, W) and the
-    ``architecture`` it must have."""
+    """The weights of a saved COVID-19Net (a ``.keras`` file, or the authors' Keras 2 ``.h5``),
+    checked against ``input_shape`` (D, H, W) and the ``architecture`` it must have."""
     import keras
 
     from covidct.model.architecture import architecture_of
+    from covidct.model.authors import ARCHITECTURE as AUTHORS
+    from covidct.model.authors import authors_model, is_keras2_file
 
     if not Path(init).exists():
         raise CovidctError("pretrained model not found", path=init)
+    if is_keras2_file(init):             # the authors' published weights, read as import-weights
+        if architecture != AUTHORS:
+            raise CovidctError(f"the authors' weights need training.architecture: {AUTHORS} "
+                               f"(not {architecture})", path=init)
+        return authors_model(init, input_shape)[0].get_weights()
     try:
         pre = keras.saving.load_model(init, compile=False)
     except Exception as err:           # any unreadable or foreign file
