@@ -36,7 +36,8 @@ STAGES: dict[str, tuple[str, str]] = {
     "system": ("covidct.inference.system", "complete a trained model's folder into a trained "
                                            "system (plan.json, cox.json)"),
     "import-weights": ("covidct.model.authors", "the authors' published COVID-19Net weights "
-                                                "(Keras 2 HDF5) into a trained system"),
+                                                "(Keras 2 HDF5) into a trained system, or their "
+                                                "lung segmenter into a lung FPN"),
     "predict-site": ("covidct.inference.site", "COVID-19 probability and 64-d feature for every "
                                                "patient of a site"),
     "evaluate": ("covidct.analysis.evaluate", "diagnostic metrics, ROC and calibration for one "

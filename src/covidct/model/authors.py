@@ -9,6 +9,11 @@ COVID-19Net (:func:`covidct.model.architecture.covid19net`), and the model is sa
 of ``config/paper.yaml``), so ``covidct predict --system OUT`` and the workflow's ``system:``
 apply it. A file whose layers differ is refused, naming the first difference.
 
+Their lung segmenter, ``ERSCOVIDTest/model/lungSegmentation.hdf5`` (segmentation_models 1.0.1's
+DenseNet121-FPN), is recognised by its layers and imported by
+:func:`covidct.model.authors_fpn.import_lung_segmenter` instead: ``OUT/model.keras`` is then a
+lung FPN for ``segmentation: {method: fpn, model: OUT/model.keras}``.
+
 Keras 2's HDF5 layout: a group (``model_weights`` in a whole-model file, the root in a
 weights-only file) whose attribute ``layer_names`` lists every layer; one group per layer whose
 attribute ``weight_names`` lists its weights (``block0_bn1/gamma:0``, ...), each a dataset at
@@ -171,7 +176,8 @@ def set_authors_weights(model, layers: Sequence[LayerWeights], path: Path) -> No
 
 def authors_preprocessing(size: Sequence[int], roi: RoiParams | None = None) -> dict[str, Any]:
     """The plan's preprocessing of an imported system: default ingest, the threshold lung
-    mask (the authors' FPN weights are not importable yet) and the authors' ROI at ``size``."""
+    mask (their lung FPN is imported on its own: a system carries no segmenter) and the authors'
+    ROI at ``size``."""
     roi = replace(roi or RoiParams(**AUTHORS_ROI), size=tuple(int(s) for s in size))
     plain = {"ingest": asdict(IngestParams()),
              "segmentation": {"method": "threshold", "params": asdict(ThresholdParams())},
@@ -249,9 +255,15 @@ def import_weights(h5: str | Path, out: str | Path, *, size: Sequence[int] | Non
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("weights", type=Path, metavar="FILE.h5",
                         help="the authors' Keras 2 HDF5 file (myDenseNetv2_COVID-19.h5, "
-                             "myDenseNetv2_EGFR_pretrain.h5)")
+                             "myDenseNetv2_EGFR_pretrain.h5; or their lung segmenter "
+                             "lungSegmentation.hdf5, recognised by its layers)")
     parser.add_argument("out", type=Path, metavar="OUT_DIR",
-                        help="the trained system's folder (model.keras, run.json, plan.json)")
+                        help="the trained system's folder (model.keras, run.json, plan.json); "
+                             "for the lung segmenter: model.keras and run.json, a lung FPN for "
+                             "segmentation.method fpn")
+    parser.add_argument("--segmenter-size", type=int, default=None, metavar="N",
+                        help="the lung segmenter's input size N x N (default: the file's, "
+                             "else 256); the other options are the COVID-19Net's")
     parser.add_argument("--size", type=int, nargs=3, default=None, metavar=("D", "H", "W"),
                         help="network input size (default: the file's, else 48 240 360)")
     parser.add_argument("--threshold", type=float, default=AUTHORS_THRESHOLD,
@@ -263,6 +275,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from covidct.model import authors_fpn
+
+    if authors_fpn.is_lung_segmenter_file(args.weights):
+        return authors_fpn.run_import(args)
     roi = from_args(RoiParams, args, size=RoiParams.size)
     import_weights(args.weights, args.out, size=args.size, roi=roi, threshold=args.threshold,
                    task=args.task)

@@ -4,6 +4,14 @@ Each slice, with its neighbours as channels, is floored at -1024 HU, cropped or 
 centre to the field of view the model was trained with (recorded in the model's name), z-scored
 and resized to the network's size; the probability goes back onto the CT grid, is thresholded at
 0.5, and only the lungs are kept, holes filled.
+
+The authors' lung segmenter (imported by ``covidct import-weights lungSegmentation.hdf5``, see
+:mod:`covidct.model.authors_fpn`; its name is :data:`AUTHORS_MODEL_NAME`) gets the authors'
+processing instead (their ``lungSegNet4seg19Conv.py``): HU floored at -1024, each whole slice
+z-scored ((x - mean) / (std + 1e-6)), no field of view, each slice cubic-spline resized
+(``scipy.ndimage.zoom``, order 3) to the network's size, channels (i-1, i, i+1) for the inner
+slices only (the first and last slice get no lung), the probability zoomed linearly (order 1)
+back onto the CT's grid and thresholded at 0.5, no component or hole post-processing.
 """
 
 from __future__ import annotations
@@ -23,6 +31,10 @@ from covidct.preprocess.hu import AIR_HU
 log = logging.getLogger(__name__)
 
 THRESHOLD = 0.5
+AUTHORS_MODEL_NAME = "lung_fpn_authors"    # the imported authors' segmenter (their processing)
+AUTHORS = "authors"
+COVIDCT = "covidct"
+AUTHORS_EPS = 1e-6                         # their z-score: (x - mean) / (std + 1e-6)
 
 
 def _resize_matrix(n_in: int, n_out: int) -> np.ndarray:
@@ -164,6 +176,11 @@ def model_fov(model) -> float | None:
     return float(found.group(1)) if found else None
 
 
+def model_preprocessing(model) -> str:
+    """``authors`` for the imported authors' segmenter (by its name), else ``covidct``."""
+    return AUTHORS if str(getattr(model, "name", "")) == AUTHORS_MODEL_NAME else COVIDCT
+
+
 def model_size(model) -> int:
     shape = model.inputs[0].shape
     if len(shape) != 4 or shape[1] != shape[2] or shape[3] != 3:
@@ -187,6 +204,8 @@ def predict_probability(ct: np.ndarray, model, *, batch_size: int = 16,
     ct = np.asarray(ct)
     if ct.ndim != 3:
         raise CovidctError(f"expected a 3-D (z, y, x) CT, got shape {ct.shape}", step="segment")
+    if model_preprocessing(model) == AUTHORS:
+        return authors_probability(ct, model, batch_size=batch_size, compiled=compiled)
     size = model_size(model)
     if fov_mm is None:
         fov_mm = model_fov(model)
@@ -206,6 +225,57 @@ def predict_probability(ct: np.ndarray, model, *, batch_size: int = 16,
         p = model.predict_on_batch(x) if compiled else model(x, training=False)
         p = np.asarray(p, dtype=np.float32)[..., 0]
         prob[index] = from_fov(resize_slices(p, out_hw), window, (h, w))
+    return prob
+
+
+# --------------------------------------------------------------------------- the authors' way
+
+def authors_normalize_slices(ct: np.ndarray, size: int) -> np.ndarray:
+    """The authors' network input per slice: HU floored at -1024, the whole slice z-scored
+    ((x - mean) / (std + 1e-6), float64), cubic-spline zoomed (order 3) to (size, size);
+    (z, size, size) float32. Zooming each slice once equals their zoom of every 3-slice stack
+    with factor 1 along the channels (a spline sampled at its knots returns the samples)."""
+    ct = np.asarray(ct)
+    n, h, w = ct.shape
+    out = np.empty((n, size, size), dtype=np.float32)
+    factor = (size / h, size / w)
+    for z in range(n):
+        s = np.maximum(np.asarray(ct[z], dtype=np.float64), AIR_HU)
+        s = (s - s.mean()) / (s.std() + AUTHORS_EPS)
+        out[z] = ndi.zoom(s, factor, order=3) if (h, w) != (size, size) else s
+    return out
+
+
+def authors_to_grid(prob: np.ndarray, shape_hw: Sequence[int]) -> np.ndarray:
+    """(k, size, size) probabilities linearly zoomed (order 1, as their ROI step zooms the mask)
+    onto (k, h, w)."""
+    k, size_y, size_x = prob.shape
+    h, w = int(shape_hw[0]), int(shape_hw[1])
+    if (size_y, size_x) == (h, w):
+        return prob.astype(np.float32)
+    out = ndi.zoom(prob.astype(np.float32), (1, h / size_y, w / size_x), order=1)
+    if out.shape != (k, h, w):                  # zoom rounds the output size
+        raise CovidctError(f"zoomed probability {out.shape} != {(k, h, w)}", step="segment")
+    return out
+
+
+def authors_probability(ct: np.ndarray, model, *, batch_size: int = 16,
+                        compiled: bool | None = None) -> np.ndarray:
+    """Lung probability (z, y, x) float32 the authors' way (see the module's docstring); the
+    first and last slice are 0 (their loop runs over slices 1 .. n-2)."""
+    ct = np.asarray(ct)
+    n, h, w = ct.shape
+    size = model_size(model)
+    norm = authors_normalize_slices(ct, size)
+    prob = np.zeros((n, h, w), dtype=np.float32)
+    inner = np.arange(1, n - 1)
+    if compiled is None:
+        compiled = len(inner) > 8 * batch_size
+    for b0 in range(0, len(inner), batch_size):
+        index = inner[b0:b0 + batch_size]
+        x = stack_channels(norm, index)
+        p = model.predict_on_batch(x) if compiled else model(x, training=False)
+        prob[index] = authors_to_grid(np.asarray(p, dtype=np.float32)[..., 0], (h, w))
     return prob
 
 
@@ -232,16 +302,22 @@ def postprocess_mask(mask: np.ndarray, *, min_second_fraction: float = 0.05,
 
 def predict_mask(ct_array_zyx: np.ndarray, spacing_zyx: Sequence[float], model_path: str | Path,
                  *, batch_size: int = 16, threshold: float = THRESHOLD,
-                 postprocess: bool = True, min_second_fraction: float = 0.05) -> np.ndarray:
+                 postprocess: bool | None = None, min_second_fraction: float = 0.05
+                 ) -> np.ndarray:
     """Lung mask (uint8, same shape) of an int16 HU CT in canonical orientation.
 
     ``spacing_zyx`` (mm): every slice is cropped/padded about its centre to the field of view
     the model was trained with (recorded in the model's name) before it is
     resized to the network's input, so the network sees the same mm per pixel as in training;
-    the probability is mapped back to the CT's grid.
+    the probability is mapped back to the CT's grid. The authors' imported segmenter gets their
+    processing instead (no field of view; see the module's docstring).
+    ``postprocess``: keep the lungs and fill holes (:func:`postprocess_mask`); None = yes for
+    covidct's FPNs, no for the authors' (they do none).
     """
     t0 = time.perf_counter()
     model = load_model(model_path)
+    if postprocess is None:
+        postprocess = model_preprocessing(model) != AUTHORS
     prob = predict_probability(ct_array_zyx, model, batch_size=batch_size,
                                spacing_yx=tuple(spacing_zyx)[1:])
     mask = prob >= threshold
@@ -249,6 +325,7 @@ def predict_mask(ct_array_zyx: np.ndarray, spacing_zyx: Sequence[float], model_p
     mask = postprocess_mask(mask, min_second_fraction=min_second_fraction) if postprocess \
         else mask.astype(np.uint8)
     voxel_ml = float(np.prod(spacing_zyx)) / 1000.0
-    log.info("fpn: %d slices at %dx%d in %.1f s, lung %.0f ml", mask.shape[0], model_size(model),
-             model_size(model), time.perf_counter() - t0, mask.sum() * voxel_ml)
+    log.info("fpn: %d slices at %dx%d (%s processing) in %.1f s, lung %.0f ml", mask.shape[0],
+             model_size(model), model_size(model), model_preprocessing(model),
+             time.perf_counter() - t0, mask.sum() * voxel_ml)
     return mask

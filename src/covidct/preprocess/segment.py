@@ -54,7 +54,13 @@ def lung_mask(ct, spacing, *, method: Literal["threshold", "fpn"] = "threshold",
                                step=STEP)
         if not Path(model).is_file():
             raise CovidctError("segmentation model not found", step=STEP, path=model)
-        from covidct.preprocess.lung_fpn import predict_mask  # Keras only for this method
+        # Keras only for this method
+        from covidct.preprocess.lung_fpn import (
+            AUTHORS,
+            load_model,
+            model_preprocessing,
+            predict_mask,
+        )
 
         mask = np.asarray(predict_mask(np.asarray(ct[...]), spacing, str(model)))
         if mask.shape != tuple(ct.shape):
@@ -62,9 +68,11 @@ def lung_mask(ct, spacing, *, method: Literal["threshold", "fpn"] = "threshold",
                                step=STEP, path=model)
         voxel_ml = float(np.prod(spacing)) / 1000.0
         lung_ml = round(float(np.count_nonzero(mask) * voxel_ml), 1)
-        return (mask > 0).astype(np.uint8), {"method": "fpn", "model": str(model),
-                                             "model_sha256": file_sha256(model),
-                                             "lung_volume_ml": lung_ml}
+        attrs = {"method": "fpn", "model": str(model), "model_sha256": file_sha256(model),
+                 "lung_volume_ml": lung_ml}
+        if model_preprocessing(load_model(model)) == AUTHORS:   # the authors' imported FPN
+            attrs["preprocessing"] = AUTHORS
+        return (mask > 0).astype(np.uint8), attrs
     raise CovidctError(f"unknown segmentation method {method!r} ({'|'.join(METHODS)})",
                        step=STEP)
 
