@@ -19,6 +19,7 @@ import h5py
 import numpy as np
 import pytest
 from scipy.ndimage import zoom
+from test_authors import randomise
 
 from covidct.cli import main
 from covidct.preprocess import lung_fpn
@@ -108,25 +109,6 @@ def their_fpn(size: int):
     return keras.Model(img, x, name="model_1"), [layer.name for layer in skip_layers]
 
 
-def randomise(model, seed: int) -> None:
-    """Random weights everywhere, BatchNorm statistics included (variances positive)."""
-    rng = np.random.default_rng(seed)
-    for layer in model.layers:
-        values = []
-        for w in layer.weights:
-            shape = tuple(w.shape)
-            if w.name == "moving_variance":
-                values.append(rng.uniform(0.5, 2.0, shape))
-            elif w.name == "gamma":
-                values.append(rng.uniform(0.8, 1.2, shape))
-            elif w.name == "kernel":             # variance-preserving: 1 / fan-in
-                values.append(rng.normal(0, 1 / np.sqrt(np.prod(shape[:-1])), shape))
-            else:
-                values.append(rng.normal(0, 0.1, shape))
-        if values:
-            layer.set_weights([v.astype("float32") for v in values])
-
-
 def save_keras2_h5(model, path, *, rename=None, reshape=None) -> None:
     """``model`` as Keras 2.3.1's ``model.save('x.hdf5')`` lays it out (layer names as Keras 2
     spells them, every layer listed in topological order, an optimizer group the import
@@ -175,6 +157,7 @@ def their_file(tmp_path_factory):
 
 # --------------------------------------------------------------------------- the import
 
+@pytest.mark.slow    # DenseNet121 at 64x64 built twice: ~25 s
 def test_imported_segmenter_gives_their_networks_outputs(tmp_path, their_file):
     net, path, x, prob = their_file
     out = tmp_path / "lung_seg"
@@ -213,6 +196,7 @@ def test_legacy_bilinear_upsampling_is_keras2s():
     assert np.abs(keras3 - theirs).max() > 0.1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("change, words", [
     ({"reshape": ("segm_stage4b_conv", np.zeros((3, 3, 128, 64), np.float32))},
      "of the lung FPN, 'segm_stage4b_conv', kernel is 3x3x128x64 in the file, 3x3x128x128 in "
