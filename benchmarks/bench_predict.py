@@ -1,22 +1,25 @@
-"""Benchmark: `covidct predict` on a 512x512x300 DICOM series. Goal (the paper's): under 10 s.
+"""Benchmark: `covidct predict` on a 512x512xN DICOM series (N = 300 by default).
 
-    .venv/bin/python benchmarks/bench_predict.py [--threads 2] [--repeats 3] [--cache DIR]
+    .venv/bin/python benchmarks/bench_predict.py [--slices 300] [--threads 2] [--repeats 3]
 
 Built once and cached (default: $TMPDIR/covidct_bench_predict):
-- a 512 x 512 x 300 DICOM series (one file a slice) of a synthetic chest phantom
+- a 512 x 512 x N DICOM series (one file a slice) of a synthetic chest phantom
   (covidct.synth.patient.make_patient with a 512 matrix, 0.7 mm pixels, 1 mm slices);
 - COVID-19Net at the paper's input size 48x240x360 (covidct.model.covid19net; untrained weights:
-  the time does not depend on them), saved as model.keras;
+  the time does not depend on them), saved as model.keras with its ONNX export model.onnx, as a
+  trained system holds them;
 - a cox.json in the format `covidct prognosis` writes (two DL features + age, sex, comorbidity).
 
 Measured:
-1. the whole command line in a fresh process, wall seconds, median of --repeats, without and
-   with --saliency (`--threads N`: TensorFlow intra-op, SimpleITK and dask threads), with its
-   peak memory (ru_maxrss of the waited-for children: the command and its preprocessing fork);
-   the command's own timing_s of the last run (read, segment and roi run in the forked
-   process while TensorFlow is imported and the model loaded);
-2. the in-process steps one after the other in a fresh process (read, segment, roi, TensorFlow
-   import, model load, first inference, a second inference, saliency gradient, saliency PNG).
+1. the reference: SimpleITK's bare read of the same series (ImageSeriesReader), in a fresh
+   process, median of --repeats;
+2. the whole command line in a fresh process, wall seconds, median of --repeats: on the ONNX
+   export (the default), with `--runtime keras`, and with --saliency (which runs in Keras);
+   `--threads N` for onnxruntime, TensorFlow, SimpleITK and dask; peak memory (ru_maxrss of
+   the waited-for children: the command and its preprocessing fork); the command's own timing_s
+   of the last run (read, segment and roi run in the forked process while the model loads);
+3. the in-process steps one after the other in a fresh process (read, segment, roi, onnxruntime
+   import, load and inference, TensorFlow import, Keras load and inference, saliency).
 For a 2-core figure on a bigger machine, pin the benchmark: `taskset -c 0,1 .venv/bin/python ...`.
 """
 
@@ -33,35 +36,45 @@ import tempfile
 import time
 from pathlib import Path
 
-SHAPE = (300, 512, 512)
 PAPER = (48, 240, 360)
 
 
-def build(cache: Path) -> None:
-    """Write the series, the model and cox.json into ``cache`` (skips what exists)."""
+def series_of(cache: Path, slices: int) -> Path:
+    return cache / f"series_{slices}"
+
+
+def build(cache: Path, slices: int) -> None:
+    """Write the series, the model, its export and cox.json into ``cache`` (skips what
+    exists)."""
     import numpy as np
 
-    series, model_path, cox_path = cache / "series", cache / "model.keras", cache / "cox.json"
+    series, model_path, cox_path = series_of(cache, slices), cache / "model.keras", \
+        cache / "cox.json"
+    shape = (slices, 512, 512)
     if not (series / "done").exists():
         from covidct.synth.dicom import write_series
         from covidct.synth.patient import PatientSpec, dicom_header, make_patient
 
         t = time.perf_counter()
-        spec = PatientSpec.from_row({"matrix": SHAPE[1], "pixel_mm": 0.7, "slice_mm": 1.0,
-                                     "n_slices": SHAPE[0], "seed": 11, "label": "covid",
+        spec = PatientSpec.from_row({"matrix": shape[1], "pixel_mm": 0.7, "slice_mm": 1.0,
+                                     "n_slices": shape[0], "seed": 11, "label": "covid",
                                      "severity": 0.6})
         volume, _, spacing, origin = make_patient(spec)
-        assert volume.shape == SHAPE, volume.shape
+        assert volume.shape == shape, volume.shape
         header = {**dicom_header(spec), "PixelPaddingValue": int(spec.padding_hu + 3072)}
         write_series(volume, series, spacing=spacing, origin=origin, header=header,
                      rescale_intercept=-3072.0, uid_seed=11)
         (series / "done").write_text("")
-        print(f"built the {'x'.join(map(str, SHAPE[::-1]))} series in "
+        print(f"built the {'x'.join(map(str, shape[::-1]))} series in "
               f"{time.perf_counter() - t:.1f} s", file=sys.stderr)
     if not model_path.exists():
         from covidct.model import covid19net
 
         covid19net(PAPER).save(model_path)
+    if not (cache / "model.onnx").exists():
+        from covidct.model.onnx_graph import export_onnx
+
+        export_onnx(model_path)
     if not cox_path.exists():
         from covidct.analysis.prognosis import DIRECTION
 
@@ -74,7 +87,18 @@ def build(cache: Path) -> None:
         cox_path.write_text(json.dumps(cox))
 
 
-def steps(cache: Path, threads: int) -> dict:
+def sitk_read(series: Path) -> float:
+    """The reference: SimpleITK's bare read of the series, seconds (in this fresh process)."""
+    import SimpleITK as sitk
+
+    t = time.perf_counter()
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(series)))
+    reader.Execute()
+    return time.perf_counter() - t
+
+
+def steps(cache: Path, slices: int, threads: int) -> dict:
     """The in-process steps, each timed, in this (fresh) process."""
     from covidct.inference.scan import set_predict_threads
     from covidct.model.saved import load_feature_model
@@ -86,7 +110,7 @@ def steps(cache: Path, threads: int) -> dict:
     set_predict_threads(threads)
     out = {}
     t = time.perf_counter()
-    loaded = load_ct(cache / "series")
+    loaded = load_ct(series_of(cache, slices))
     ct, spacing = loaded.array, loaded.spacing
     out["read"] = time.perf_counter() - t
     t = time.perf_counter()
@@ -97,6 +121,22 @@ def steps(cache: Path, threads: int) -> dict:
     roi16, attrs = roi_from_arrays(ct, mask, spacing, RoiParams(size=PAPER),
                                    body_ml=seg["body_volume_ml"])
     out["roi"] = time.perf_counter() - t
+    import numpy as np
+
+    x = roi16.astype(np.float32)[None, ..., None]
+    t = time.perf_counter()
+    import onnxruntime  # noqa: F401
+
+    from covidct.model.onnx_graph import OnnxFeatureModel
+
+    out["onnxruntime_import"] = time.perf_counter() - t
+    t = time.perf_counter()
+    exported = OnnxFeatureModel(cache / "model.onnx", threads)
+    out["onnx_load"] = time.perf_counter() - t
+    for key in ("onnx_inference_first", "onnx_inference_second"):
+        t = time.perf_counter()
+        exported(x)
+        out[key] = time.perf_counter() - t
     t = time.perf_counter()
     import keras  # noqa: F401
 
@@ -104,9 +144,6 @@ def steps(cache: Path, threads: int) -> dict:
     t = time.perf_counter()
     feature_model, model = load_feature_model(cache / "model.keras")
     out["model_load"] = time.perf_counter() - t
-    import numpy as np
-
-    x = roi16.astype(np.float32)[None, ..., None]
     for key in ("inference_first", "inference_second"):
         t = time.perf_counter()
         p, f = feature_model([x], training=False)
@@ -126,12 +163,11 @@ def steps(cache: Path, threads: int) -> dict:
     return out
 
 
-def run_cli(cache: Path, threads: int, saliency: bool) -> tuple[float, float, dict]:
-    cmd = [sys.executable, "-m", "covidct", "predict", str(cache / "series"),
+def run_cli(cache: Path, slices: int, threads: int, *extra: str) -> tuple[float, float, dict]:
+    cmd = [sys.executable, "-m", "covidct", "predict", str(series_of(cache, slices)),
            "--model", str(cache / "model.keras"), "--cox", str(cache / "cox.json"),
-           "--age", "61", "--sex", "M", "--comorbidity", "1", "--threads", str(threads)]
-    if saliency:
-        cmd += ["--saliency", str(cache / "saliency.png")]
+           "--age", "61", "--sex", "M", "--comorbidity", "1", "--threads", str(threads),
+           *extra]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -145,49 +181,61 @@ def run_cli(cache: Path, threads: int, saliency: bool) -> tuple[float, float, di
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--slices", type=int, default=300)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cache", type=Path,
                         default=Path(tempfile.gettempdir()) / "covidct_bench_predict")
-    parser.add_argument("--mode", choices=("all", "build", "steps"), default="all",
+    parser.add_argument("--mode", choices=("all", "build", "steps", "read"), default="all",
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.cache.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if args.mode == "build":
-        build(args.cache)
+        build(args.cache, args.slices)
         return
     if args.mode == "steps":
-        print(json.dumps(steps(args.cache, args.threads)))
+        print(json.dumps(steps(args.cache, args.slices, args.threads)))
+        return
+    if args.mode == "read":
+        print(json.dumps(sitk_read(series_of(args.cache, args.slices))))
         return
 
+    own = ["--cache", str(args.cache), "--slices", str(args.slices), "--threads",
+           str(args.threads)]
     # building imports TensorFlow: in a child, so this process stays small for ru_maxrss
-    subprocess.run([sys.executable, __file__, "--mode", "build", "--cache", str(args.cache)],
-                   check=True)
+    subprocess.run([sys.executable, __file__, "--mode", "build", *own], check=True)
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:
         cores = os.cpu_count()
-    print(f"covidct predict on a {'x'.join(map(str, SHAPE[::-1]))} DICOM series "
-          f"(300 files), model input {'x'.join(map(str, PAPER))}, --threads {args.threads}, "
+    print(f"covidct predict on a 512x512x{args.slices} DICOM series ({args.slices} files), "
+          f"model input {'x'.join(map(str, PAPER))}, --threads {args.threads}, "
           f"{cores} cores available")
-    for saliency in (False, True):
+    reads = [float(subprocess.run([sys.executable, __file__, "--mode", "read", *own],
+                                  capture_output=True, text=True, check=True).stdout)
+             for _ in range(args.repeats)]
+    reference = statistics.median(reads)
+    print(f"reference, SimpleITK's bare read of the series: median {reference:.2f} s "
+          f"(runs {', '.join(f'{r:.2f}' for r in reads)})")
+    modes = {"onnx (default)    ": (), "--runtime keras   ": ("--runtime", "keras"),
+             "with --saliency   ": ("--saliency", str(args.cache / "saliency.png"))}
+    for label, extra in modes.items():
         walls, cpus, last = [], [], None
         for _ in range(args.repeats):
-            wall, cpu, last = run_cli(args.cache, args.threads, saliency)
+            wall, cpu, last = run_cli(args.cache, args.slices, args.threads, *extra)
             walls.append(wall)
             cpus.append(cpu)
         peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-        label = "with --saliency   " if saliency else "without --saliency"
         print(
             f"CLI {label}: median {statistics.median(walls):.2f} s wall "
+            f"({statistics.median(walls) / reference:.1f} x the bare read) "
             f"(runs {', '.join(f'{w:.2f}' for w in walls)}), "
             f"median CPU {statistics.median(cpus):.2f} s "
             f"(user + system, all its processes); peak RSS so far {peak:.0f} MB"
         )
         print("   its timing_s: " + ", ".join(f"{k} {v:.2f}" for k, v in last["timing_s"].items()))
-    proc = subprocess.run([sys.executable, __file__, "--mode", "steps", "--cache",
-                           str(args.cache), "--threads", str(args.threads)],
+    proc = subprocess.run([sys.executable, __file__, "--mode", "steps", *own],
                           capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(proc.stderr)

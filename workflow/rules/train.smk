@@ -105,7 +105,8 @@ if PLAN.finetune:
 
     rule trained_system:
         """The fine-tuned model's folder completed into a trained system: plan.json (its
-        preprocessing, thresholds and training data) and, where fitted, its Cox model."""
+        preprocessing, thresholds and training data), the model's ONNX export for `covidct
+        predict` and, where fitted, its Cox model."""
         input:
             model=f"{MODELS}/finetune_covid/model.keras",
             run=f"{MODELS}/finetune_covid/run.json",
@@ -114,12 +115,13 @@ if PLAN.finetune:
             segmenter=segmenter_model_input,
         output:
             plan=f"{MODELS}/finetune_covid/plan.json",
+            onnx=f"{MODELS}/finetune_covid/model.onnx",
         log:
             "logs/train/trained_system.log",
         benchmark:
             "logs/benchmark/trained_system.tsv"
         conda:
-            "../../envs/stats.yaml"
+            deep_env()
         params:
             folder=lambda wc, output: Path(output.plan).parent,
             threshold=config["evaluation"]["threshold"],

@@ -3,9 +3,10 @@
 The workflow's own functions, in order: ingest's :func:`~covidct.preprocess.ingest.load_ct`, the
 segment stage's :func:`~covidct.preprocess.segment.lung_mask`, the roi stage's
 :func:`~covidct.preprocess.roi.roi_from_arrays`, the model, the prognosis stage's
-:func:`~covidct.analysis.prognosis.risk_from_features` and the saliency. Reading, segmentation and
-the ROI run in a forked process while this one imports the network's backend. The JSON names the
-scan by its file or folder name only and holds no DICOM header value.
+:func:`~covidct.analysis.prognosis.risk_from_features` and the saliency. The network runs in
+onnxruntime on the system's ``model.onnx`` (its export, :mod:`covidct.model.onnx_graph`), else in
+Keras. Reading, segmentation and the ROI run in a forked process while this one loads the model.
+The JSON names the scan by its file or folder name only and holds no DICOM header value.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ log = logging.getLogger(__name__)
 
 STEP = "predict"
 ROI_SETTINGS = ("min_pixels", "antialias")   # what run.json records of the training ROIs
+RUNTIMES = ("auto", "onnx", "keras")          # auto: model.onnx where valid, else Keras
 
 
 def set_predict_threads(n: int) -> int:
@@ -158,25 +160,51 @@ class _Preprocessing:
 
 # --------------------------------------------------------------------------- the model
 
-def _import_and_load(model_path: Path, seconds: dict):
-    """The feature model and the model; the backend's import and the load timed apart."""
-    from covidct.model.saved import load_feature_model
+def _threads() -> int:
+    """The thread count :func:`set_predict_threads` chose (0 when it was not called)."""
+    import os
 
+    return int(os.environ.get("OMP_NUM_THREADS", 0))
+
+
+def load_model(model_path: Path, seconds: dict, runtime: str = "auto") -> tuple:
+    """``(feature_model, keras_model, input_size, runtime)``: the model's ONNX export in
+    onnxruntime where ``runtime`` (auto, onnx, keras) allows and a valid one lies beside it, else
+    the Keras model (``keras_model`` is None under onnxruntime). The backend's import and the
+    load are timed apart."""
+    from covidct.model.saved import load_feature_model, model_input_shape
+
+    if runtime not in RUNTIMES:
+        raise CovidctError(f"unknown runtime {runtime!r} (one of {', '.join(RUNTIMES)})",
+                           step=STEP)
+    if runtime != "keras":
+        t = time.perf_counter()
+        from covidct.model.onnx_graph import onnx_beside, onnx_path
+
+        exported = onnx_beside(model_path, _threads())
+        if exported is not None:
+            seconds["model_import"], seconds["model_load"] = 0.0, round(
+                time.perf_counter() - t, 3)
+            return exported, None, exported.input_shape, "onnx"
+        if runtime == "onnx":
+            raise CovidctError(f"--runtime onnx: no valid {onnx_path(model_path).name} beside "
+                               "the model (see the log above)", step=STEP, path=model_path)
     t = time.perf_counter()
     import keras  # noqa: F401  (the backend's start-up, timed on its own)
 
     seconds["model_import"] = round(time.perf_counter() - t, 3)
     t = time.perf_counter()
-    loaded = load_feature_model(model_path)
+    feature_model, model = load_feature_model(model_path)
     seconds["model_load"] = round(time.perf_counter() - t, 3)
-    return loaded
+    return feature_model, model, model_input_shape(model), "keras"
 
 
 def model_and_roi(scan: Path, model_path: Path, roi: RoiParams, *, parallel: bool,
-                  keep_arrays: bool, **preprocess) -> tuple:
-    """``(feature_model, model, preprocessed, seconds)``: the model loaded and the scan
-    preprocessed at the model's input size, side by side where the size can be read first."""
-    from covidct.model.saved import keras_input_shape, model_input_shape
+                  keep_arrays: bool, runtime: str = "auto", **preprocess) -> tuple:
+    """``(feature_model, keras_model, runtime, preprocessed, seconds)``: the model loaded and the
+    scan preprocessed at the model's input size, side by side where the size can be read
+    first."""
+    from covidct.model.saved import keras_input_shape
 
     seconds: dict[str, float] = {}
     size = None if keep_arrays or not parallel else keras_input_shape(model_path)
@@ -184,32 +212,36 @@ def model_and_roi(scan: Path, model_path: Path, roi: RoiParams, *, parallel: boo
         job = _Preprocessing(scan, replace(roi, size=tuple(size)),
                              keep_arrays=keep_arrays, **preprocess)
         try:
-            feature_model, model = _import_and_load(model_path, seconds)
+            feature_model, model, loaded, runtime = load_model(model_path, seconds, runtime)
             t = time.perf_counter()
             pre = job.result(scan)
             seconds["wait_preprocess"] = round(time.perf_counter() - t, 3)
         finally:
             job.cancel()
-        if tuple(model_input_shape(model)) != tuple(size):
-            raise CovidctError(f"the model's input {model_input_shape(model)} differs from its "
-                               f"saved config {size}", step=STEP, path=model_path)
+        if tuple(loaded) != tuple(size):
+            raise CovidctError(f"the model's input {tuple(loaded)} differs from its saved "
+                               f"config {size}", step=STEP, path=model_path)
     else:
-        feature_model, model = _import_and_load(model_path, seconds)
-        size = model_input_shape(model)
+        feature_model, model, size, runtime = load_model(model_path, seconds, runtime)
         if any(s is None for s in size):
             raise CovidctError(f"the model accepts any input size {tuple(size)}: the ROI size "
                                "must be fixed", step=STEP, path=model_path)
         pre = preprocess_scan(scan, replace(roi, size=tuple(size)),
                               keep_arrays=keep_arrays, **preprocess)
-    log.info("model %s: input %s, backend import %.2f s, load %.2f s", model_path.name,
-             "x".join(map(str, size)), seconds["model_import"], seconds["model_load"])
-    return feature_model, model, pre, {**pre["seconds"], **seconds}
+    log.info("model %s in %s: input %s, backend import %.2f s, load %.2f s", model_path.name,
+             runtime, "x".join(map(str, size)), seconds["model_import"], seconds["model_load"])
+    return feature_model, model, runtime, pre, {**pre["seconds"], **seconds}
 
 
 def classify(feature_model, roi16: np.ndarray, model_path: Path) -> tuple[float, np.ndarray]:
-    """The COVID-19 probability and the 64-d DL feature of one ROI."""
-    roi = roi16.astype(np.float32)            # what predict-site feeds: the float16 ROI as float32
-    prob, feat = feature_model([roi[None, ..., None]], training=False)
+    """The COVID-19 probability and the 64-d DL feature of one ROI (Keras or onnxruntime)."""
+    from covidct.model.onnx_graph import OnnxFeatureModel
+
+    roi = roi16.astype(np.float32)[None, ..., None]   # what predict-site feeds: float16 as float32
+    if isinstance(feature_model, OnnxFeatureModel):
+        prob, feat = feature_model(roi)
+    else:
+        prob, feat = feature_model([roi], training=False)
     prob = float(np.asarray(prob, dtype=np.float64).ravel()[0])
     feature = np.asarray(feat, dtype=np.float64).ravel()
     if not np.isfinite(prob) or not np.isfinite(feature).all():
@@ -271,10 +303,12 @@ def predict_scan(scan: str | Path, model_path: str | Path, *, cox_path: str | Pa
                  segmentation: str = "threshold", segmenter: str | Path | None = None,
                  threshold: float = EvaluationParams.threshold, roi: RoiParams = RoiParams(),
                  ingest: IngestParams = IngestParams(), parallel: bool = True,
-                 return_arrays: bool = False) -> dict:
+                 runtime: str = "auto", return_arrays: bool = False) -> dict:
     """Run one scan through the system; returns the JSON-ready result (see the CLI help).
 
     ``roi`` gives the ROI settings (its size is the model's input size, whatever ``roi.size``).
+    ``runtime`` (see :data:`RUNTIMES`) is Keras whenever a saliency picture is asked for: it
+    needs the network's gradient.
     ``return_arrays`` (in-process, not parallel) adds the numpy arrays under ``"_arrays"``
     (ct, mask, roi, saliency) for tests and benchmarks.
     """
@@ -287,8 +321,13 @@ def predict_scan(scan: str | Path, model_path: str | Path, *, cox_path: str | Pa
         raise CovidctError("model file not found", step=STEP, path=model_path)
     if not scan.exists():
         raise CovidctError("no such file or folder", step=STEP, path=scan)
-    feature_model, model, pre, seconds = model_and_roi(
-        scan, model_path, roi, parallel=parallel, keep_arrays=return_arrays,
+    if saliency_path is not None and runtime != "keras":
+        if runtime == "onnx":
+            raise CovidctError("--saliency needs the network's gradient: it runs in Keras, not "
+                               "with --runtime onnx", step=STEP)
+        runtime = "keras"
+    feature_model, model, runtime, pre, seconds = model_and_roi(
+        scan, model_path, roi, parallel=parallel, keep_arrays=return_arrays, runtime=runtime,
         segmentation=segmentation, segmenter=segmenter, ingest=ingest,
         lung_in_roi=saliency_path is not None)
     roi16, roi_attrs = pre["roi"], pre["attrs"]
@@ -326,7 +365,7 @@ def predict_scan(scan: str | Path, model_path: str | Path, *, cox_path: str | Pa
         "input": pre["input"], "segmentation": segmentation,
         "saliency": None if saliency_path is None else str(saliency_path),
         "saliency_in_lung": fractions, "model": str(model_path),
-        "cox": None if cox_path is None else str(cox_path),
+        "cox": None if cox_path is None else str(cox_path), "runtime": runtime,
         "timing_s": seconds, "covidct_version": __version__,
     }
     if return_arrays:
@@ -476,10 +515,16 @@ def add_arguments(parser) -> None:
                              "(default %(default)s)")
     parser.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=0,
-                        help="threads for TensorFlow, SimpleITK and dask (0 = all cores, default)")
+                        help="threads for onnxruntime, TensorFlow, SimpleITK and dask (0 = all "
+                             "cores, default)")
+    parser.add_argument("--runtime", choices=RUNTIMES, default="auto",
+                        help="where the network runs: onnxruntime on the system's model.onnx "
+                             "(starts in well under a second), or Keras; auto (default) takes "
+                             "model.onnx where it is the model's export, and Keras for "
+                             "--saliency")
     parser.add_argument("--sequential", dest="parallel", action="store_false",
                         help="do not read and segment the scan in a second process while "
-                             "TensorFlow starts (slower; for debugging)")
+                             "the model loads (slower; for debugging)")
 
 
 def run(args) -> int:
@@ -496,7 +541,7 @@ def run(args) -> int:
             comorbidity=args.comorbidity, saliency_path=args.saliency,
             segmentation=settings.segmentation, segmenter=settings.segmenter,
             threshold=settings.threshold, roi=settings.roi, ingest=settings.ingest,
-            parallel=args.parallel)
+            parallel=args.parallel, runtime=args.runtime)
     result["system"] = settings.system
     sys.stdout.write(json.dumps(result, allow_nan=False) + "\n")
     sys.stdout.flush()

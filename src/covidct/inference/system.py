@@ -1,12 +1,13 @@
 """A trained system: the model and everything needed to apply it to a new scan exactly as its
 training scans were processed (nnU-Net's pattern: the plan travels with the model).
 
-A system is a folder (``results/models/finetune_covid/``) holding ``model.keras``, ``run.json``,
-``plan.json`` (the ingest, segmentation and ROI parameters of the training scans, the decision
-and Youden thresholds, what the training data were) and, where a Cox model was fitted,
-``cox.json``; with the FPN segmenter also ``segmenter.keras``. ``covidct system`` completes the
-folder after training; the MLflow run of the model holds the same files under ``system/``, so
-a registered model version (``models:/covidct-finetune_covid/3``) is a system too.
+A system is a folder (``results/models/finetune_covid/``) holding ``model.keras`` and its ONNX
+export ``model.onnx``, ``run.json``, ``plan.json`` (the ingest, segmentation and ROI parameters
+of the training scans, the decision and Youden thresholds, what the training data were) and,
+where a Cox model was fitted, ``cox.json``; with the FPN segmenter also ``segmenter.keras``.
+``covidct system`` completes the folder after training; the MLflow run of the model holds the
+same files under ``system/``, so a registered model version
+(``models:/covidct-finetune_covid/3``) is a system too.
 """
 
 from __future__ import annotations
@@ -78,10 +79,11 @@ def youden_of(predictions) -> dict | None:
 def assemble(folder: str | Path, *, threshold: float, youden_from=(), cox: Path | None = None,
              segmenter: Path | None = None,
              tracking: TrackingParams = TrackingParams()) -> dict:
-    """Complete a trained model's folder into a system: plan.json (and cox.json, segmenter.keras
-    copied in); the same files go to the model's MLflow run. Returns the plan."""
-    from covidct.io.atomic import atomic_path
-    from covidct.preprocess.segment import file_sha256
+    """Complete a trained model's folder into a system: plan.json, model.onnx (the model's
+    export for ``covidct predict``), and cox.json and segmenter.keras copied in; the same files
+    go to the model's MLflow run. Returns the plan."""
+    from covidct.io.atomic import atomic_path, file_sha256
+    from covidct.model.onnx_graph import export_onnx
 
     folder = Path(folder)
     run = read_run(folder)
@@ -128,6 +130,7 @@ def assemble(folder: str | Path, *, threshold: float, youden_from=(), cox: Path 
     from covidct import __version__
 
     plan["covidct_version"] = __version__
+    files.append(export_onnx(folder / plan["model"]))
     path = write_plan(folder, plan)
     if tracking.enabled and run.get("run_id"):
         _log_to_run(tracking, run["run_id"], [path, *files])
@@ -171,7 +174,8 @@ def _import(h5: Path, cache) -> System:
     file's content changes)."""
     import tempfile
 
-    from covidct.model.authors import file_sha256, import_weights
+    from covidct.io.atomic import file_sha256
+    from covidct.model.authors import import_weights
 
     root = Path(cache or tempfile.mkdtemp(prefix="covidct-system-"))
     digest = file_sha256(h5) if h5.is_file() else None

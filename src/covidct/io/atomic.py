@@ -1,4 +1,4 @@
-"""Atomic writes: every output is complete or absent.
+"""Atomic writes: every output is complete or absent; and a file's content hash.
 
 A file or store is built under a hidden temporary name beside its target and renamed into place
 once complete, so an interrupted job never leaves half an output behind.
@@ -6,6 +6,7 @@ once complete, so an interrupted job never leaves half an output behind.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -85,3 +86,12 @@ def save_figure(fig, path: str | Path, **savefig) -> Path:
     if pyplot is not None:
         pyplot.close(fig)
     return Path(path)
+
+
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file's content: a model file's identity in plans and exports."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

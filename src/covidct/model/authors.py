@@ -23,7 +23,6 @@ that path inside the layer's group.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 from collections.abc import Sequence
@@ -34,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from covidct.errors import CovidctError
+from covidct.io.atomic import file_sha256
 from covidct.params import (
     AUTHORS_ROI,
     IngestParams,
@@ -185,13 +185,6 @@ def authors_preprocessing(size: Sequence[int], roi: RoiParams | None = None) -> 
     return json.loads(json.dumps(plain))          # tuples as the stores' JSON holds them
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
 
 def is_keras2_file(path: str | Path) -> bool:
     """A Keras 2 HDF5 file by its name (``.h5``, ``.hdf5``), as the authors published them."""
@@ -216,10 +209,11 @@ def import_weights(h5: str | Path, out: str | Path, *, size: Sequence[int] | Non
                    roi: RoiParams | None = None, threshold: float = AUTHORS_THRESHOLD,
                    task: str = "covid") -> dict[str, Any]:
     """Read the authors' Keras 2 HDF5 file into the trained-system folder ``out`` (model.keras,
-    run.json, plan.json); returns the plan. ``size`` (D, H, W) defaults to the file's input
-    size, else 48x240x360; ``roi`` to the authors' rules (``AUTHORS_ROI``)."""
+    model.onnx, run.json, plan.json); returns the plan. ``size`` (D, H, W) defaults to the
+    file's input size, else 48x240x360; ``roi`` to the authors' rules (``AUTHORS_ROI``)."""
     from covidct.io.atomic import atomic_path
     from covidct.io.results import write_plan, write_run
+    from covidct.model.onnx_graph import export_onnx
 
     h5, out = Path(h5), Path(out)
     model, facts = authors_model(h5, size)
@@ -228,6 +222,7 @@ def import_weights(h5: str | Path, out: str | Path, *, size: Sequence[int] | Non
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "model.keras") as tmp:
         model.save(tmp)
+    export_onnx(out / "model.keras")
     preprocessing = authors_preprocessing(shape, roi)
     origin = {"source": SOURCE, "file": h5.name, "sha256": file_sha256(h5),
               "keras_version": facts["keras_version"], "synthetic": False}

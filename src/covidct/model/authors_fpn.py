@@ -221,9 +221,8 @@ def import_lung_segmenter(h5: str | Path, out: str | Path, *,
     """The authors' ``lungSegmentation.hdf5`` into ``out``/model.keras (a lung FPN applying the
     authors' pre- and post-processing) and ``out``/run.json; returns the run record."""
     from covidct import __version__
-    from covidct.io.atomic import atomic_path
+    from covidct.io.atomic import atomic_path, file_sha256
     from covidct.io.results import write_run
-    from covidct.model.authors import file_sha256
 
     h5, out = Path(h5), Path(out)
     model, facts = lung_segmenter_model(h5, size)

@@ -16,23 +16,13 @@ from typing import Literal
 import numpy as np
 
 from covidct.errors import CovidctError
+from covidct.io.atomic import file_sha256
 from covidct.params import ThresholdParams, add_options, from_args
 
 log = logging.getLogger(__name__)
 
 STEP = "segment"
 METHODS = ("threshold", "fpn")
-
-
-def file_sha256(path: str | Path) -> str:
-    """The SHA-256 of a file (a segmenter model: its identity in a trained system's plan)."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def lung_mask(ct, spacing, *, method: Literal["threshold", "fpn"] = "threshold",
