@@ -75,6 +75,7 @@ def test_a_layer_without_translation_is_refused_by_name(tmp_path):
         export_onnx(tmp_path / "model.keras")
 
 
+@pytest.mark.slow
 def test_predict_runs_the_export_without_the_keras_backend(tmp_path, real_data):
     """The CLI in a fresh process takes model.onnx: the probability and feature of the Keras
     model on the same scan, and neither TensorFlow nor Keras is imported."""

@@ -97,7 +97,8 @@ def signal_data():
 # Strict levels: with 15 noise covariates the chance that one of them passes a 0.05 entry level
 # is about 1 - 0.95**15 = 54%, so the exact-set check uses 0.001 (about 1.5%); for the
 # information criterion the penalty with the same 1-df threshold, chi2.ppf(0.999, 1) = 10.83.
-@pytest.mark.parametrize("method", ["forward", "backward", "stepwise", "aic"])
+@pytest.mark.parametrize("method", [pytest.param("forward", marks=pytest.mark.slow), "backward",
+                                    "stepwise", pytest.param("aic", marks=pytest.mark.slow)])
 def test_selection_recovers_the_true_covariates(signal_data, method):
     cands = [f"x{i}" for i in range(18)]
     selected, trace = survival.stepwise_select(
@@ -108,6 +109,7 @@ def test_selection_recovers_the_true_covariates(signal_data, method):
     assert len(trace) >= 2
 
 
+@pytest.mark.slow
 def test_aic_selection_stops_at_a_local_minimum_of_lifelines_aic(signal_data):
     cands = [f"x{i}" for i in range(18)]
     selected, _ = survival.stepwise_select(signal_data, "T", "E", cands, method="aic")
