@@ -48,8 +48,8 @@ def build(cache: Path, slices: int) -> None:
     exists)."""
     import numpy as np
 
-    series, model_path, cox_path = series_of(cache, slices), cache / "model.keras", \
-        cache / "cox.json"
+    series = series_of(cache, slices)
+    model_path, cox_path = cache / "model.keras", cache / "cox.json"
     shape = (slices, 512, 512)
     if not (series / "done").exists():
         from covidct.synth.dicom import write_series

@@ -9,7 +9,6 @@ arrangements) are translated; any other layer is refused by name.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -26,7 +25,6 @@ IR_VERSION = 8                       # the ONNX IR of opset 17
 INPUT = "roi"
 OUTPUTS = ("probability", FEATURE_LAYER)
 DIGEST_KEY = "covidct.keras_sha256"
-SHAPE_KEY = "covidct.input_shape"
 
 
 def onnx_path(model_path: str | Path) -> Path:
@@ -78,10 +76,11 @@ def _activation(graph: _Graph, layer, x: str, name: str) -> str:
 def _conv3d(graph: _Graph, layer, x: str) -> str:
     if layer.groups != 1 or layer.data_format != "channels_last":
         raise CovidctError(f"layer {layer.name}: only channels-last, ungrouped Conv3D exports")
-    kernel = layer.get_weights()[0].transpose(4, 3, 0, 1, 2)       # DHWIO -> OIDHW
+    weights = layer.get_weights()
+    kernel = weights[0].transpose(4, 3, 0, 1, 2)                   # DHWIO -> OIDHW
     inputs = [x, graph.weight(f"{layer.name}/kernel", kernel)]
     if layer.use_bias:
-        inputs.append(graph.weight(f"{layer.name}/bias", layer.get_weights()[1]))
+        inputs.append(graph.weight(f"{layer.name}/bias", weights[1]))
     y = graph.node("Conv", inputs, f"{layer.name}/conv", kernel_shape=list(layer.kernel_size),
                    strides=list(layer.strides), dilations=list(layer.dilation_rate),
                    auto_pad=_padding(layer))
@@ -196,18 +195,16 @@ def graph_of(model):
 
 def export_onnx(model_path: str | Path, out: str | Path | None = None) -> Path:
     """``model.onnx`` beside ``model_path`` (or at ``out``): the Keras model's ONNX export, with
-    the Keras file's SHA-256 and the input size in its metadata."""
+    the Keras file's SHA-256 in its metadata."""
     import onnx
 
-    from covidct.model.saved import load_feature_model, model_input_shape
+    from covidct.model.saved import load_feature_model
 
     model_path = Path(model_path)
     out = onnx_path(model_path) if out is None else Path(out)
     _, model = load_feature_model(model_path)
     proto = graph_of(model)
-    onnx.helper.set_model_props(proto, {
-        DIGEST_KEY: file_sha256(model_path),
-        SHAPE_KEY: json.dumps([int(s) for s in model_input_shape(model)])})
+    onnx.helper.set_model_props(proto, {DIGEST_KEY: file_sha256(model_path)})
     with atomic_path(out) as tmp:
         onnx.save(proto, str(tmp))
     log.info("ONNX export of %s -> %s (%d nodes)", model_path.name, out, len(proto.graph.node))
@@ -236,7 +233,8 @@ class OnnxFeatureModel:
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
-        return tuple(json.loads(self.metadata[SHAPE_KEY]))
+        """(D, H, W) of the graph's input (N, D, H, W, 1)."""
+        return tuple(int(s) for s in self.session.get_inputs()[0].shape[1:4])
 
     def exports(self, model_path: str | Path) -> bool:
         """Whether this is the export of exactly that Keras file (by content hash)."""
