@@ -21,7 +21,7 @@ from covidct.cli import STAGES
 
 # bottom to top: a module may import its own layer and the layers below it
 LAYERS = ["errors", "params", "io", "synth", "preprocess", "model", "analysis", "explain",
-          "inference", "cli"]
+          "inference", "worker", "cli"]
 
 
 def _modules() -> list[str]:

@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 
-from covidct import __version__
+from covidct import __version__, worker
 from covidct.errors import CovidctError
 
 # stage name -> (module, one-line description). Order is the order of the pipeline.
@@ -78,9 +78,17 @@ def _top_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, delegate: bool = True) -> int:
+    """Run ``covidct ARGV``; a served stage goes to the warm worker (:mod:`covidct.worker`)
+    when ``COVIDCT_WORKER=1`` and ``delegate``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")     # TensorFlow's C++ start-up chatter
+    if argv[:1] == [worker.SERVE_ARG] and len(argv) == 2:
+        return worker.serve(argv[1], lambda job: main(job, delegate=False))
+    if delegate and worker.wanted(argv):
+        status = worker.delegate(argv)
+        if status is not None:
+            return status
     if not argv or argv[0] not in STAGES:
         _top_parser().parse_args(argv)  # prints help, version or the usage error and exits
         return 2

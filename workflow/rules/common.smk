@@ -61,6 +61,12 @@ os.environ.setdefault(
     ),
 )
 
+# On one machine the short per-patient stages run in a warm worker that holds their imports
+# (covidct.worker); a cluster job keeps its own process (its memory limits, its accounting).
+os.environ.setdefault(
+    "COVIDCT_WORKER", "1" if workflow.local_exec and workflow.is_main_process else "0"
+)
+
 
 envvars:
     "COVIDCT",

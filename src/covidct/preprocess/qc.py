@@ -12,7 +12,6 @@ import logging
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from covidct.errors import CovidctError
 from covidct.io.atomic import save_figure, write_csv
@@ -169,8 +168,10 @@ def summary_row(path: Path) -> dict:
             "path": str(path)}
 
 
-def qc_summary(roi_paths, out_path) -> pd.DataFrame:
-    """The cohort's QC table (TSV), one row per roi.zarr."""
+def qc_summary(roi_paths, out_path):
+    """The cohort's QC table (TSV, returned as a DataFrame), one row per roi.zarr."""
+    import pandas as pd  # here: the roi stage imports this module for its picture
+
     rows = [summary_row(Path(p)) for p in roi_paths]
     table = pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS))
     for column in ("lung_volume_ml", "dense_outside_ml", "clip_hu", "clamp_low_hu",
