@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from covidct.explain.saliency import input_dtype, input_gradient
+from covidct.explain.saliency import compiled_input_gradient, input_dtype
 
 
 def conv_layers(model) -> list[str]:
@@ -75,12 +75,13 @@ def filter_patterns(model, layer_name: str, filters: Sequence[int], *, steps: in
     def activations(v) -> np.ndarray:
         return np.asarray(keras.ops.convert_to_numpy(per_filter(v)), float)
 
+    gradient = compiled_input_gradient(objective)     # 40 steps on one shape: compile once
     start = activations(x)
     current = start.copy()
     lr = np.full(len(filters), float(step_size))
     expand = (-1,) + (1,) * (x.ndim - 1)
     for _ in range(int(steps)):
-        g = input_gradient(objective, x)
+        g = gradient(x)
         rms = np.sqrt(np.mean(g.reshape(len(filters), -1) ** 2, axis=1)) + 1e-12
         trial = np.clip(x + (lr / rms).reshape(expand) * g, -clip, clip).astype(dtype)
         new = activations(trial)
