@@ -92,8 +92,11 @@ def child(work: Path) -> dict:
         }
         return out
 
-    timed("reference_read", lambda: sitk.GetArrayViewFromImage(
-        sitk.ReadImage(str(work / "ct.nrrd"))).sum(dtype=np.int64))
+    def bare_read():  # the image must outlive its array view
+        image = sitk.ReadImage(str(work / "ct.nrrd"))
+        return int(sitk.GetArrayViewFromImage(image).sum(dtype=np.int64))
+
+    timed("reference_read", bare_read)
     ct = zarrio.open_image(work / "ct.zarr")
     mask, info = timed("segment_compute", lambda: threshold_lung_mask(ct.array, ct.spacing))
     res["segment_steps_wall_s"] = info["timings_s"]
