@@ -84,12 +84,12 @@ def test_the_module_writes_under_its_prefix_and_leaves_the_host_alone(host):
     assert seen["PATH"] == env["PATH"]
     assert seen["TF_CPP_MIN_LOG_LEVEL"] == "0"
     # the only variables the module sets: how rules call covidct, where its envs install it
-    # from, and the config hash its MLflow runs carry
-    # from, and the config hash its MLflow runs carry (the rest of what is new is Snakemake's:
-    # thread counts and the job's temporary folder)
+    # from, the config hash its MLflow runs carry, and whether local jobs go to the warm worker
+    # (the rest of what is new is Snakemake's: thread counts and the job's temporary folder)
     new = {k for k in seen if k not in env}
     assert {k for k in new if k.startswith("COVIDCT")} == {"COVIDCT", "COVIDCT_SOURCE",
-                                                          "COVIDCT_CONFIG_HASH"}
+                                                          "COVIDCT_CONFIG_HASH", "COVIDCT_WORKER"}
+    assert seen["COVIDCT_WORKER"] == "1"                  # a local run: the worker is on
     assert not {k for k in new if k.startswith(("TF_", "KERAS", "PYTHON", "MLFLOW"))}
 
     # the rest of the DAG: every command's paths and the tracking database under the prefix
