@@ -15,9 +15,10 @@ Measured:
    process, median of --repeats;
 2. the whole command line in a fresh process, wall seconds, median of --repeats: on the ONNX
    export (the default), with `--runtime keras`, and with --saliency (which runs in Keras);
-   `--threads N` for onnxruntime, TensorFlow, SimpleITK and dask; peak memory (ru_maxrss of
-   the waited-for children: the command and its preprocessing fork); the command's own timing_s
-   of the last run (read, segment and roi run in the forked process while the model loads);
+   `--threads N` for onnxruntime, TensorFlow, SimpleITK and the segmentation's slabs; peak
+   memory (ru_maxrss of the waited-for children: the command and its preprocessing fork); the
+   command's own timing_s of the last run (read, segment and roi run in the forked process
+   while the model loads);
 3. the in-process steps one after the other in a fresh process (read, segment, roi, onnxruntime
    import, load and inference, TensorFlow import, Keras load and inference, saliency).
 For a 2-core figure on a bigger machine, pin the benchmark: `taskset -c 0,1 .venv/bin/python ...`.
@@ -76,7 +77,7 @@ def build(cache: Path, slices: int) -> None:
 
         export_onnx(model_path)
     if not cox_path.exists():
-        from covidct.analysis.prognosis import DIRECTION
+        from covidct.analysis.scoring import DIRECTION
 
         rng = np.random.default_rng(0)
         cox = {"direction": DIRECTION,

@@ -3,12 +3,12 @@
 The scan is the real COPDGene case (tests/data/real/cip_copdgene/ct-64.nrrd) upsampled with
 SimpleITK (linear) to 512 x 512 x 300 voxels (0.52 x 0.52 x 1.05 mm), plus mild noise so the
 full-resolution border decisions see realistic texture. It is written as ct.zarr (int16, one
-slice per chunk), then measured in a fresh process on ONE core (OMP/BLAS/SimpleITK threads 1,
-dask synchronous scheduler). Prints seconds per step, the total and the peak memory, and
-next to them a reference measured in the same process: SimpleITK's bare read of the same volume
-(written beside it as an uncompressed NRRD), so the ratio holds on a noisy machine.
+slice per chunk), then measured in a fresh process on ONE core (OMP/BLAS/SimpleITK threads 1).
+Prints seconds per step, the total and the peak memory, and next to them a reference measured
+in the same process: SimpleITK's bare read of the same volume (written beside it as an
+uncompressed NRRD), so the ratio holds on a noisy machine.
 
-    .venv/bin/python benchmarks/bench_segment_roi.py [--real-data DIR] [--keep DIR]
+    .venv/bin/python benchmarks/bench_segment_roi.py [--real-data DIR] [--keep DIR] [--repeats N]
 
 Goal (issue 17): segmentation + ROI under 4 s together on one core (imports excluded; they are
 printed separately) and a peak memory under 1 GB.
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -65,7 +66,6 @@ def child(work: Path) -> dict:
         return float("nan")
 
     t = time.perf_counter()
-    import dask
     import numpy as np
     import SimpleITK as sitk
 
@@ -76,7 +76,6 @@ def child(work: Path) -> dict:
     from covidct.preprocess.morphology import convex_hull_2d
 
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
-    dask.config.set(scheduler="synchronous")
     # warm the lazily imported modules (scipy.spatial, skimage.filters) outside the timing
     otsu_threshold(np.array([[[-900.0, 0.0]]]), np.ones((1, 1, 2), bool), -550, -300)
     convex_hull_2d(np.eye(4, dtype=bool))
@@ -145,6 +144,8 @@ def main() -> int:
     )
     ap.add_argument("--real-data", default=str(REPO / "tests" / "data" / "real"))
     ap.add_argument("--keep", default=None, help="work folder to keep (default: a temp folder)")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="fresh measuring processes; figures are their median (default 3)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -157,32 +158,35 @@ def main() -> int:
     build(Path(args.real_data), work / "ct.zarr")
     print(f"built 512x512x300 ct.zarr from COPDGene ct-64 in {time.perf_counter() - t:.1f} s")
     env = {**os.environ, **ONE_CORE}
-    out = subprocess.run([sys.executable, __file__, "--child", str(work)], env=env, check=True,
-                         capture_output=True, text=True)
-    res = json.loads(out.stdout.strip().splitlines()[-1])
-    print(
-        f"imports (dask, scipy, skimage, SimpleITK, zarr) {res['imports_s']:.2f} s (not counted), "
-        f"RSS {res['rss_after_imports_MB']:.0f} MB"
-    )
-    for k, v in res["segment_steps_wall_s"].items():
-        print(f"  segment step {k:<14} wall {v:6.2f} s")
-    total_w = total_c = 0.0
+    runs = []
+    for _ in range(args.repeats):
+        out = subprocess.run([sys.executable, __file__, "--child", str(work)], env=env,
+                             check=True, capture_output=True, text=True)
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    res = runs[-1]
+    print(f"{len(runs)} fresh processes; each figure is their median [min, max]")
+
+    def spread(values) -> str:
+        return f"{statistics.median(values):6.2f} s [{min(values):.2f}, {max(values):.2f}]"
+
+    imports = [r["imports_s"] for r in runs]
+    print(f"imports (numpy, scipy, skimage, SimpleITK, zarr) {spread(imports)} (not counted), "
+          f"RSS {res['rss_after_imports_MB']:.0f} MB")
+    for k in res["segment_steps_wall_s"]:
+        print(f"  segment step {k:<14} wall {spread([r['segment_steps_wall_s'][k] for r in runs])}")
     for name in ("segment_compute", "segment_write", "roi", "roi_with_qc"):
-        r = res[name]
-        print(
-            f"{name:<18} wall {r['wall_s']:6.2f} s  cpu {r['cpu_s']:6.2f} s  "
-            f"peak RSS so far {r['peak_rss_MB']:.0f} MB"
-        )
-        if name != "roi_with_qc":
-            total_w += r["wall_s"]
-            total_c += r["cpu_s"]
-    ref = res["reference_read"]
-    print(
-        f"TOTAL segment + write + roi(48x240x360): wall {total_w:.2f} s, "
-        f"cpu {total_c:.2f} s (goal < 4 s, peak < 1 GB)"
-    )
-    print(f"reference: SimpleITK's bare read of the same volume (NRRD) wall {ref['wall_s']:.2f} s,"
-          f" cpu {ref['cpu_s']:.2f} s: the total is {total_c / ref['cpu_s']:.1f} x its cpu time")
+        print(f"{name:<18} wall {spread([r[name]['wall_s'] for r in runs])}  "
+              f"cpu {spread([r[name]['cpu_s'] for r in runs])}  "
+              f"peak RSS so far {max(r[name]['peak_rss_MB'] for r in runs):.0f} MB")
+    steps = ("segment_compute", "segment_write", "roi")
+    total_w = [sum(r[n]["wall_s"] for n in steps) for r in runs]
+    total_c = [sum(r[n]["cpu_s"] for n in steps) for r in runs]
+    ref = [r["reference_read"]["cpu_s"] for r in runs]
+    ratio = [c / f for c, f in zip(total_c, ref)]
+    print(f"TOTAL segment + write + roi(48x240x360): wall {spread(total_w)}, "
+          f"cpu {spread(total_c)} (goal < 4 s, peak < 1 GB)")
+    print(f"reference: SimpleITK's bare read of the same volume (NRRD) cpu {spread(ref)}: the "
+          f"total is {statistics.median(ratio):.1f} x its cpu time (median of the runs' ratios)")
     print(f"qc.png {res['qc_png_kB']} kB; lung volume {res['lung_volume_ml']:.0f} ml")
     print(f"load average now: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (wall times on a "
           f"busy machine exceed cpu times)")

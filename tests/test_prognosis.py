@@ -195,6 +195,22 @@ def test_high_risk_means_longer_stay_and_cox_json_round_trips():
         assert group == ("high" if risk[i] > cox["cutoff"] else "low")
 
 
+def test_scoring_a_cox_json_imports_neither_pandas_nor_lifelines():
+    """``covidct predict --cox`` scores one patient with the numpy-only scoring module."""
+    import subprocess
+    import sys
+
+    probe = ("import sys\nfrom covidct.analysis.scoring import risk_from_features\n"
+             "cox = {'covariates': ['age', 'feature_1'], 'mean': [60.0, 0.0], 'sd': [10.0, 2.0],"
+             " 'coefficients': [0.5, -1.0], 'cutoff': 0.0}\n"
+             "print(risk_from_features(cox, [0.0, 4.0], 70, 'F', 0), "
+             "sorted(m for m in ('pandas', 'lifelines', 'scipy') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    # risk = -(0.5 * (70 - 60) / 10 + (-1.0) * (4 - 0) / 2) = -(0.5 - 2) = 1.5 > 0: high
+    assert out == "(1.5, 'high') []"
+
+
 @pytest.mark.slow
 def test_events_per_feature_caps_the_model_size():
     """30 patients, 64 candidate features of which one carries the signal: AIC alone keeps

@@ -182,6 +182,20 @@ def test_phantom_full_resolution_path():
     assert mask[deep & (ct == 30)].mean() > 0.99
 
 
+def test_slab_threads_and_stores_give_the_same_mask(tmp_path, monkeypatch):
+    """The slab-wise steps on several threads, and on a zarr store, give the one-thread mask."""
+    ct, *_ = _phantom()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    one, _ = threshold_lung_mask(ct, (2.5, 0.8, 0.8))
+    assert len(ct) > 2 * 16                       # more than two slabs of 16 slices
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    three, _ = threshold_lung_mask(ct, (2.5, 0.8, 0.8))
+    _write_ct(tmp_path / "ct.zarr", ct, (2.5, 0.8, 0.8))
+    stored, _ = threshold_lung_mask(zarrio.open_image(tmp_path / "ct.zarr").array, (2.5, 0.8, 0.8))
+    assert one.sum() > 0
+    assert np.array_equal(one, three) and np.array_equal(one, stored)
+
+
 def test_fill_holes_2d_is_per_slice():
     m = np.zeros((3, 9, 9), bool)
     m[1, 2:7, 2:7] = True

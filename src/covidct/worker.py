@@ -39,7 +39,7 @@ SERVED = {
     "synth": ("covidct.synth.patient", "covidct.synth.dicom"),
     "ingest": ("covidct.preprocess.ingest", "pydicom"),
     "segment": ("covidct.preprocess.segment", "covidct.preprocess.lung_threshold",
-                "dask.array", "skimage.filters", "scipy.spatial"),
+                "skimage.filters", "scipy.spatial"),
     "roi": ("covidct.preprocess.roi", "covidct.preprocess.qc", "matplotlib.pyplot"),
 }
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",

@@ -15,14 +15,11 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from covidct.analysis.scoring import DIRECTION, SurvivalError, risk_scores  # noqa: F401
+
 log = logging.getLogger(__name__)
 
 METHODS = ("forward", "backward", "stepwise", "aic")
-DIRECTION = "risk = -log partial hazard of discharge; high risk = longer hospital stay"
-
-
-class SurvivalError(ValueError):
-    """A survival analysis that cannot be done on the given data (too few events, ...)."""
 
 
 # --------------------------------------------------------------------------- Cox model
@@ -316,18 +313,6 @@ def standardise(df: pd.DataFrame, columns: Sequence[str], mean: Sequence[float] 
     return (x - mean) / safe, mean, sd
 
 
-def risk_scores(coefficients: Sequence[float], z: np.ndarray | pd.DataFrame) -> np.ndarray:
-    """Risk = the negative linear predictor ``-(z @ beta)`` (``z`` standardised covariates).
-
-    High risk = low hazard of discharge = longer hospital stay.
-    """
-    z = np.asarray(z, float)
-    beta = np.asarray(coefficients, float)
-    if z.ndim == 1:
-        z = z[None, :]
-    if z.shape[1] != beta.size:
-        raise SurvivalError(f"{z.shape[1]} covariate(s) given for {beta.size} coefficient(s)")
-    return -(z @ beta)
 
 
 def split_by_cutoff(risk: Sequence[float], cutoff: float) -> np.ndarray:

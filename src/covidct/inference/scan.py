@@ -3,7 +3,7 @@
 The workflow's own functions, in order: ingest's :func:`~covidct.preprocess.ingest.load_ct`, the
 segment stage's :func:`~covidct.preprocess.segment.lung_mask`, the roi stage's
 :func:`~covidct.preprocess.roi.roi_from_arrays`, the model, the prognosis stage's
-:func:`~covidct.analysis.prognosis.risk_from_features` and the saliency. The network runs in
+:func:`~covidct.analysis.scoring.risk_from_features` and the saliency. The network runs in
 onnxruntime on the system's ``model.onnx`` (its export, :mod:`covidct.model.onnx_graph`), else in
 Keras. Reading, segmentation and the ROI run in a forked process while this one loads the model.
 The JSON names the scan by its file or folder name only and holds no DICOM header value.
@@ -47,11 +47,9 @@ def set_predict_threads(n: int) -> int:
         os.environ[var] = str(n)
     os.environ["TF_NUM_INTEROP_THREADS"] = str(min(n, 2))
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import dask
     import SimpleITK as sitk
 
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(n)
-    dask.config.set(scheduler="threads", num_workers=n)
     return n
 
 
@@ -268,7 +266,7 @@ def read_cox_for(cox_path: Path, age, sex, comorbidity) -> dict:
 
 
 def risk_of(cox: dict, feature: np.ndarray, age, sex, comorbidity, cox_path: Path) -> dict:
-    from covidct.analysis.prognosis import DIRECTION, risk_from_features
+    from covidct.analysis.scoring import DIRECTION, risk_from_features
 
     try:
         risk, group = risk_from_features(cox, feature, age, sex, comorbidity)
@@ -515,8 +513,8 @@ def add_arguments(parser) -> None:
                              "(default %(default)s)")
     parser.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=0,
-                        help="threads for onnxruntime, TensorFlow, SimpleITK and dask (0 = all "
-                             "cores, default)")
+                        help="threads for onnxruntime, TensorFlow, SimpleITK and the "
+                             "segmentation's slabs (0 = all cores, default)")
     parser.add_argument("--runtime", choices=RUNTIMES, default="auto",
                         help="where the network runs: onnxruntime on the system's model.onnx "
                              "(starts in well under a second), or Keras; auto (default) takes "

@@ -14,13 +14,15 @@ import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 
 from covidct.errors import CovidctError
 from covidct.io.atomic import write_csv, write_json
+
+if TYPE_CHECKING:                  # pandas is imported where a table is made (a slow import)
+    import pandas as pd
 
 FEATURE_RE = re.compile(r"^feature_(\d+)$")
 PREDICTION_COLUMNS = ("patient", "site", "label", "y", "probability")
@@ -45,6 +47,8 @@ def prediction_table(patients: Sequence[str], site: str, labels: Sequence[str],
                      y: Sequence[int], probability: np.ndarray, features: np.ndarray,
                      model: str) -> pd.DataFrame:
     """A predictions.csv table from its columns (``features`` is (n, 64))."""
+    import pandas as pd
+
     table = pd.DataFrame({"patient": list(patients), "site": site, "label": list(labels),
                           "y": [int(v) for v in y], "probability": np.asarray(probability)})
     feats = pd.DataFrame(np.asarray(features),
@@ -59,6 +63,8 @@ def write_predictions(path: str | Path, table: pd.DataFrame) -> Path:
 
 
 def _read_one_predictions(path: Path, features: bool) -> pd.DataFrame:
+    import pandas as pd
+
     if not path.is_file():
         raise CovidctError("predictions file not found", path=path)
     try:
@@ -92,6 +98,8 @@ def read_predictions(paths: str | Path | Sequence[str | Path], *,
     """One or more predictions.csv files as one table, checked: the columns, y in {0, 1},
     probability in [0, 1], each patient once; with ``features``, the same DL feature columns in
     every file. A column ``source`` names each row's file."""
+    import pandas as pd
+
     if isinstance(paths, (str, Path)):
         paths = [paths]
     frames = [_read_one_predictions(Path(p), features) for p in paths]

@@ -85,8 +85,6 @@ def load_ct(source: str | Path, params: IngestParams = IngestParams()) -> Loaded
     """
     import SimpleITK as sitk
 
-    from covidct.io.stores import IDENTITY
-
     clock = Clock()
     scan = read_scan(Path(source), params)
     size = scan.image.GetSize()
@@ -98,7 +96,7 @@ def load_ct(source: str | Path, params: IngestParams = IngestParams()) -> Loaded
     image, source_direction = orient_lps(scan.image)
     scan.image = None
     direction = tuple(float(d) for d in image.GetDirection())
-    if not np.allclose(direction, IDENTITY, atol=1e-4):
+    if not np.allclose(direction, np.eye(3).ravel(), atol=1e-4):
         log.warning("oblique acquisition: direction after LPS reorientation is %s",
                     [round(d, 4) for d in direction])
     n_z = image.GetSize()[2]

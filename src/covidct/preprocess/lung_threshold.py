@@ -11,6 +11,7 @@ grid, the one-voxel border band decided voxel by voxel by the HU threshold.
 from __future__ import annotations
 
 import math
+import os
 import time
 
 import numpy as np
@@ -54,38 +55,52 @@ def _block_mean(block: np.ndarray, fz: int, f: int) -> np.ndarray:
     return out
 
 
-def as_slabs(ct, fz: int):
-    """The CT as a dask array of z-slabs (a multiple of ``fz`` slices), read once into memory.
-
-    Zarr stores are read chunk by chunk (one slice per chunk) through dask; the slabs are kept
-    (``persist``) so that downsampling and the full-resolution refinement read the store once.
-    """
-    import dask.array as da
-
-    slab = fz * max(1, 16 // fz)
-    chunks = (slab,) + tuple(ct.shape[1:])
-    if isinstance(ct, da.Array):
-        return ct.rechunk(chunks).persist()
-    if isinstance(ct, np.ndarray):
-        return da.from_array(ct, chunks=chunks)
-    return da.from_zarr(ct, chunks=chunks).persist()
+def slab_size(fz: int) -> int:
+    """Slices per slab of the slab-wise steps: a multiple of ``fz`` near 16."""
+    return fz * max(1, 16 // fz)
 
 
-def downsample(slabs, fz: int, f: int) -> np.ndarray:
-    """Block-mean downsampling of the CT slabs (slice-wise work, one dask task per slab)."""
-    nz, ny, nx = slabs.shape
-    out_chunks = (tuple(math.ceil(c / fz) for c in slabs.chunks[0]),
-                  (math.ceil(ny / f),), (math.ceil(nx / f),))
+def slab_threads() -> int:
+    """Threads for the slab-wise steps: ``$OMP_NUM_THREADS`` (what Snakemake gives a job and
+    ``covidct predict --threads`` sets), else 1."""
+    try:
+        return max(1, int(os.environ.get("OMP_NUM_THREADS", "1")))
+    except ValueError:
+        return 1
+
+
+def map_slabs(fn, array: np.ndarray, slab: int) -> list:
+    """``[fn(array[z:z + slab], z) for each slab]``, on :func:`slab_threads` threads (numpy
+    releases the GIL in the per-slab work)."""
+    starts = range(0, len(array), slab)
+    threads = min(slab_threads(), len(starts))
+    if threads <= 1:
+        return [fn(array[z:z + slab], z) for z in starts]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(lambda z: fn(array[z:z + slab], z), starts))
+
+
+def read_ct(ct) -> np.ndarray:
+    """The whole CT in memory (a zarr array is read once, chunk by chunk; numpy is not copied),
+    so that downsampling and the full-resolution refinement share one read."""
+    return ct if isinstance(ct, np.ndarray) else np.asarray(ct[...])
+
+
+def downsample(ct: np.ndarray, fz: int, f: int) -> np.ndarray:
+    """Block-mean downsampling of the CT, slab by slab (``fz`` x ``f`` x ``f`` blocks)."""
     # every slab but the last is a multiple of fz slices, so edge padding only acts at the end
-    return slabs.map_blocks(_block_mean, fz, f, dtype=np.float32, chunks=out_chunks).compute()
+    parts = map_slabs(lambda block, z: _block_mean(block, fz, f), ct, slab_size(fz))
+    return np.concatenate(parts, axis=0)
 
 
 IN_BAND, INSIDE = 1, 2
 
 
-def _refine_block(ct_block, code, fz, f, threshold, block_info=None):
-    """Full-resolution mask of one slab: inside from the working grid, the band decided by HU."""
-    z0 = block_info[0]["array-location"][0][0]
+def _refine_block(ct_block, z0, code, fz, f, threshold):
+    """Full-resolution mask of the slab starting at slice ``z0``: inside from the working grid,
+    the band decided by HU."""
     nz, ny, nx = ct_block.shape
     zi = np.minimum((np.arange(z0, z0 + nz)) // fz, code.shape[0] - 1)
     yi = np.minimum(np.arange(ny) // f, code.shape[1] - 1)
@@ -99,7 +114,8 @@ def _refine_block(ct_block, code, fz, f, threshold, block_info=None):
     return (c >= INSIDE).view(np.uint8)
 
 
-def upsample_refine(slabs, lung: np.ndarray, fz: int, f: int, threshold: float) -> np.ndarray:
+def upsample_refine(ct: np.ndarray, lung: np.ndarray, fz: int, f: int,
+                    threshold: float) -> np.ndarray:
     """Bring a working-grid lung mask back to the CT grid.
 
     Working-grid voxels deep inside the mask (eroded by one voxel) are lung; those outside the
@@ -112,7 +128,14 @@ def upsample_refine(slabs, lung: np.ndarray, fz: int, f: int, threshold: float) 
     inner = ndi.binary_erosion(lung, structure=st)
     outer = ndi.binary_dilation(lung, structure=st)
     code = np.where(inner, INSIDE, np.where(outer, IN_BAND, 0)).astype(np.uint8)
-    return slabs.map_blocks(_refine_block, code, fz, f, float(threshold), dtype=np.uint8).compute()
+    threshold = float(threshold)
+    mask = np.empty(ct.shape, np.uint8)
+
+    def refine(block, z):
+        mask[z:z + len(block)] = _refine_block(block, z, code, fz, f, threshold)
+
+    map_slabs(refine, ct, slab_size(fz))
+    return mask
 
 
 def find_trachea_seed(air: np.ndarray, body: np.ndarray, spacing, search_mm: float = 60.0):
@@ -350,7 +373,7 @@ def pleural_fill(side: np.ndarray, which: int, spacing, params: ThresholdParams)
 
 
 def threshold_lung_mask(ct, spacing, params: ThresholdParams | None = None):
-    """Lung mask of a CT (z, y, x HU; numpy, zarr or dask array) with the threshold method.
+    """Lung mask of a CT (z, y, x HU; numpy or zarr array) with the threshold method.
 
     Returns ``(mask uint8 same shape, info dict)``; info holds the per-side volumes (ml), the
     working grid, the airway threshold used and the step timings.
@@ -360,10 +383,10 @@ def threshold_lung_mask(ct, spacing, params: ThresholdParams | None = None):
     timings = {}
     t0 = time.perf_counter()
     fz, f = work_factors(spacing, p)
-    slabs = as_slabs(ct, fz)
+    ct = read_ct(ct)
     timings["read_s"] = time.perf_counter() - t0
     t = time.perf_counter()
-    hu = downsample(slabs, fz, f)
+    hu = downsample(ct, fz, f)
     wsp = (spacing[0] * fz, spacing[1] * f, spacing[2] * f)
     timings["downsample_s"] = time.perf_counter() - t
 
@@ -407,8 +430,7 @@ def threshold_lung_mask(ct, spacing, params: ThresholdParams | None = None):
     timings["lesion_fill_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    mask = upsample_refine(slabs, lung, fz, f, threshold)
-    del slabs
+    mask = upsample_refine(ct, lung, fz, f, threshold)
     timings["upsample_s"] = time.perf_counter() - t
 
     voxel_ml = float(np.prod(spacing)) / 1000.0
