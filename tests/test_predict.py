@@ -34,7 +34,7 @@ PLANTED = {"PatientName": "Zzplanted^Secretname", "PatientID": "ID99887766",
 @pytest.fixture(scope="module")
 def model_files(tmp_path_factory):
     """A saved tiny COVID-19Net and a cox.json in the format `covidct prognosis` writes."""
-    from covidct.analysis.prognosis import DIRECTION
+    from covidct.analysis.scoring import DIRECTION
     from covidct.model.architecture import covid19net
 
     tmp = tmp_path_factory.mktemp("models")
@@ -102,7 +102,7 @@ def cox_by_hand(cox: dict, feature: np.ndarray, age: float, sex: str, comorbidit
 def test_nifti_cli_matches_the_workflow_stages(tmp_path, real_data, model_files):
     from matplotlib.image import imread
 
-    from covidct.analysis.prognosis import risk_from_features
+    from covidct.analysis.scoring import risk_from_features
 
     model_path, cox_path, cox = model_files
     scan = real_data / "covid_ct_md" / "P001_ct_bin4x4x1.nii.gz"

@@ -17,13 +17,12 @@ from scipy.stats import chi2
 
 from covidct.analysis import survival
 from covidct.analysis.prognosis import (
-    DIRECTION,
     display_name,
     fit_prognosis_model,
     load_cohort,
-    risk_from_features,
     site_result,
 )
+from covidct.analysis.scoring import DIRECTION, risk_from_features
 from covidct.cli import main
 from covidct.io.tracking import client as tracking_client
 from covidct.params import PrognosisParams, ridge_penalizer

@@ -20,13 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from covidct.analysis.scoring import (  # noqa: F401  (the scoring API, also imported from here)
-    DIRECTION,
-    code_sex,
-    covariate_vector,
-    risk,
-    risk_from_features,
-)
+from covidct.analysis.scoring import DIRECTION, code_sex, risk, risk_scores
 from covidct.analysis.survival import RIDGE_FOLDS, RIDGE_REPEATS
 from covidct.errors import CovidctError
 from covidct.io.atomic import write_csv, write_json, write_text
@@ -301,7 +295,7 @@ def fit_prognosis_model(train: pd.DataFrame, features: Sequence[str],
         raise CovidctError(f"final Cox model failed: {err}") from err
     coefs = [float(cph.params_[c]) for c in selected]
     idx = [candidates.index(c) for c in selected]
-    risk = survival.risk_scores(coefs, z[selected].to_numpy())
+    risk = risk_scores(coefs, z[selected].to_numpy())
     cutoff = float(np.median(risk))
     summary = cph.summary
     cox = {

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from covidct.analysis.scoring import DIRECTION, SurvivalError, risk_scores  # noqa: F401
+from covidct.analysis.scoring import SurvivalError
 
 log = logging.getLogger(__name__)
 
@@ -311,8 +311,6 @@ def standardise(df: pd.DataFrame, columns: Sequence[str], mean: Sequence[float] 
     sd = x.std(ddof=1).to_numpy() if sd is None else np.asarray(sd, float)
     safe = np.where(sd > 0, sd, 1.0)
     return (x - mean) / safe, mean, sd
-
-
 
 
 def split_by_cutoff(risk: Sequence[float], cutoff: float) -> np.ndarray:
