@@ -14,13 +14,15 @@ Measured:
 1. the reference: SimpleITK's bare read of the same series (ImageSeriesReader), in a fresh
    process, median of --repeats;
 2. the whole command line in a fresh process, wall seconds, median of --repeats: on the ONNX
-   export (the default), with `--runtime keras`, and with --saliency (which runs in Keras);
+   export (the default), with `--runtime keras`, with --saliency (the export with its input
+   gradient, covidct.model.onnx_gradient) and with --saliency --runtime keras;
    `--threads N` for onnxruntime, TensorFlow, SimpleITK and the segmentation's slabs; peak
    memory (ru_maxrss of the waited-for children: the command and its preprocessing fork); the
    command's own timing_s of the last run (read, segment and roi run in the forked process
    while the model loads);
 3. the in-process steps one after the other in a fresh process (read, segment, roi, onnxruntime
-   import, load and inference, TensorFlow import, Keras load and inference, saliency).
+   import, load and inference, the saliency graph's load and run, TensorFlow import, Keras load
+   and inference, Keras's saliency).
 For a 2-core figure on a bigger machine, pin the benchmark: `taskset -c 0,1 .venv/bin/python ...`.
 """
 
@@ -72,7 +74,7 @@ def build(cache: Path, slices: int) -> None:
         from covidct.model import covid19net
 
         covid19net(PAPER).save(model_path)
-    if not (cache / "model.onnx").exists():
+    if not (cache / "model.saliency.onnx").exists():
         from covidct.model.onnx_graph import export_onnx
 
         export_onnx(model_path)
@@ -139,6 +141,14 @@ def steps(cache: Path, slices: int, threads: int) -> dict:
         exported(x)
         out[key] = time.perf_counter() - t
     t = time.perf_counter()
+    with_gradient = OnnxFeatureModel(cache / "model.saliency.onnx", threads)
+    out["onnx_saliency_load"] = time.perf_counter() - t
+    for key in ("onnx_saliency_first", "onnx_saliency_second"):
+        t = time.perf_counter()
+        with_gradient.with_saliency(x[0, ..., 0])
+        out[key] = time.perf_counter() - t
+    del with_gradient
+    t = time.perf_counter()
     import keras  # noqa: F401
 
     out["tensorflow_import"] = time.perf_counter() - t
@@ -155,7 +165,7 @@ def steps(cache: Path, slices: int, threads: int) -> dict:
 
     t = time.perf_counter()
     sal = saliency(model, roi16.astype(np.float32))
-    out["saliency_gradient"] = time.perf_counter() - t
+    out["keras_saliency_gradient"] = time.perf_counter() - t
     t = time.perf_counter()
     plot_saliency(cache / "steps_saliency.png", roi16.astype(np.float32), sal, "bench",
                   lung_mask_roi=lung_in_roi(mask, attrs["bbox"], PAPER).astype(bool))
@@ -219,8 +229,12 @@ def main() -> None:
     reference = statistics.median(reads)
     print(f"reference, SimpleITK's bare read of the series: median {reference:.2f} s "
           f"(runs {', '.join(f'{r:.2f}' for r in reads)})")
-    modes = {"onnx (default)    ": (), "--runtime keras   ": ("--runtime", "keras"),
-             "with --saliency   ": ("--saliency", str(args.cache / "saliency.png"))}
+    # the ONNX runs first: the peak RSS so far is then theirs
+    modes = {"onnx (default)    ": (),
+             "with --saliency   ": ("--saliency", str(args.cache / "saliency.png")),
+             "--runtime keras   ": ("--runtime", "keras"),
+             "--saliency, keras ": ("--saliency", str(args.cache / "saliency_keras.png"),
+                                    "--runtime", "keras")}
     for label, extra in modes.items():
         walls, cpus, last = [], [], None
         for _ in range(args.repeats):

@@ -314,3 +314,50 @@ def test_saliency_jax_branch_agrees_with_tensorflow(tmp_path):
     tf_grad = saliency(model, roi)
     assert np.allclose(np.load(tmp_path / "g.npy"), tf_grad, rtol=1e-4,
                        atol=1e-4 * np.abs(tf_grad).max())
+
+
+@pytest.mark.slow
+def test_explain_runs_the_saliency_on_the_systems_export(tmp_path, capfd):
+    """With model.saliency.onnx beside the model the saliency runs in onnxruntime, and the
+    in-lung fractions are those of Keras's gradient (which it takes without the export)."""
+    from test_authors import randomise
+
+    from covidct.model.architecture import covid19net
+    from covidct.model.onnx_graph import export_onnx, onnx_path, saliency_onnx_path
+
+    size = (8, 48, 64)
+    model = covid19net(size)
+    randomise(model, 2)
+    model_path = tmp_path / "model.keras"
+    model.save(model_path)
+    df = predictions_frame("A", 6, 3)
+    df.to_csv(tmp_path / "predictions.csv", index=False)
+    rng = np.random.default_rng(8)
+    rois = []
+    for patient in df["patient"]:
+        folder = tmp_path / "patients" / "A" / patient
+        lung = np.zeros((10, 60, 80), np.uint8)
+        lung[2:9, 10:50, rng.integers(5, 20):70] = 1
+        write_image(folder / "lung.zarr", lung, spacing=(2.0, 1.0, 1.0))
+        write_image(folder / "roi.zarr", rng.normal(size=size).astype(np.float16),
+                    spacing=(1.0, 1.0, 1.0), attrs={"bbox": [1, 9, 6, 54, 8, 72],
+                                                    "size": list(size)})
+        rois.append(folder / "roi.zarr")
+
+    def fractions(out):
+        rc = main(["explain", "--model", str(model_path), "--predictions",
+                   str(tmp_path / "predictions.csv"), "--rois", *map(str, rois), "--out-dir",
+                   str(out), "--n-per-site", "1", "--layers", "none", "--tracking-uri", "none"])
+        assert rc == 0
+        return pd.read_csv(out / "saliency_in_lung.csv")
+
+    keras_run = fractions(tmp_path / "keras")
+    assert "saliency by the Keras backend" in capfd.readouterr().err
+    export_onnx(model_path)
+    assert saliency_onnx_path(model_path).is_file() and onnx_path(model_path).is_file()
+    onnx_run = fractions(tmp_path / "onnx")
+    assert "saliency by onnxruntime on model.saliency.onnx" in capfd.readouterr().err
+    assert len(onnx_run) == 3 and onnx_run["patient"].tolist() == keras_run["patient"].tolist()
+    assert onnx_run["fraction"].between(0.05, 0.95).all()
+    np.testing.assert_allclose(onnx_run["fraction"], keras_run["fraction"], atol=0.005)
+    assert np.ptp(onnx_run["fraction"]) > 0.01            # the patients' masks differ

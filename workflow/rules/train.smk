@@ -116,6 +116,7 @@ if PLAN.finetune:
         output:
             plan=f"{MODELS}/finetune_covid/plan.json",
             onnx=f"{MODELS}/finetune_covid/model.onnx",
+            saliency_onnx=f"{MODELS}/finetune_covid/model.saliency.onnx",
         log:
             "logs/train/trained_system.log",
         benchmark:

@@ -11,18 +11,9 @@ from typing import Any
 import numpy as np
 
 from covidct.analysis import stats
-from covidct.io.atomic import save_figure
+from covidct.io.atomic import pyplot, save_figure
 
 log = logging.getLogger(__name__)
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _save(fig, path: str | Path) -> Path:
@@ -39,7 +30,7 @@ def roc_figure(curves: Sequence[Mapping[str, Any]], path: str | Path, title: str
     """ROC curves; each curve: name, y, p and optionally auc, auc_ci, points {label: threshold}."""
     from sklearn.metrics import roc_curve
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.2, 5.0))
     ax.plot([0, 1], [0, 1], color="0.7", lw=1, ls=":")
     drawn = 0
@@ -75,7 +66,7 @@ def roc_figure(curves: Sequence[Mapping[str, Any]], path: str | Path, title: str
 def calibration_figure(curves: Sequence[Mapping[str, Any]], path: str | Path,
                        title: str = "Calibration") -> Path:
     """Calibration curves; each curve: name, calibration {bin_*}, optional hosmer_lemeshow."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.2, 5.0))
     ax.plot([0, 1], [0, 1], color="0.6", lw=1, ls="--", label="perfect calibration")
     for c in curves:
@@ -98,7 +89,7 @@ def decision_curve_figure(curves: Sequence[Mapping[str, Any]], path: str | Path,
                           title: str = "Decision curve", threshold: float | None = None) -> Path:
     """Net benefit against the threshold probability: each curve (name, decision_curve) with its
     treat-all line, and treat-none (0); a dotted line at the decision ``threshold``."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.0, 4.6))
     ax.axhline(0.0, color="0.3", lw=1.2, label="treat none")
     top = 0.05
@@ -125,7 +116,7 @@ def forest_figure(rows: Sequence[Mapping[str, Any]], meta: Mapping[str, Any], pa
                   title: str = "AUC across sites") -> Path:
     """Forest plot: one row per site (name, auc, ci, pooled: bool, note) and the fixed- and
     random-effects pooled AUC of ``meta`` (stats.inverse_variance_meta) with Q, I^2 and tau^2."""
-    plt = _pyplot()
+    plt = pyplot()
     pooled_rows = [("fixed effect", meta.get("fixed") or {}),
                    ("random effects (DerSimonian-Laird)", meta.get("random") or {})]
     height = 1.6 + 0.38 * (len(rows) + len(pooled_rows))
@@ -175,7 +166,7 @@ def km_figure(path: Path, site: str, fitters: dict, logrank: dict, direction: st
     """KM curves of the high/low groups with numbers at risk; written atomically as PNG."""
     from lifelines.plotting import add_at_risk_counts
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 5.5))
     colours = {"high": "tab:red", "low": "tab:blue"}
     present = [fitters[g] for g in ("high", "low") if g in fitters]

@@ -5,20 +5,14 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
-from covidct.io.atomic import save_figure
+from covidct.io.atomic import pyplot, save_figure
 
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def _save(fig, path: Path) -> None:
@@ -54,7 +48,7 @@ def plot_saliency(path: Path, roi: np.ndarray, saliency_map: np.ndarray, title: 
     (lung window) with the saliency on the scan's voxels."""
     from scipy.ndimage import gaussian_filter
 
-    plt = _pyplot()
+    plt = pyplot()
 
     def smooth(a, sig):
         a = np.abs(a).astype(np.float32)
@@ -87,7 +81,7 @@ def plot_saliency(path: Path, roi: np.ndarray, saliency_map: np.ndarray, title: 
 def plot_filters(path: Path, layer: str, patterns: np.ndarray, filters: Sequence[int],
                  start: Sequence[float], end: Sequence[float]) -> None:
     """3x3 grid (or fewer) of the mid axial slice of each filter's pattern."""
-    plt = _pyplot()
+    plt = pyplot()
     n = len(filters)
     cols = min(3, n)
     rows = int(math.ceil(n / cols))
@@ -103,7 +97,7 @@ def plot_filters(path: Path, layer: str, patterns: np.ndarray, filters: Sequence
 
 
 def plot_feature_pca(path: Path, coords: pd.DataFrame, ratio: Sequence[float]) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 5))
     for y, name, colour in ((0, "other pneumonia", "tab:blue"), (1, "COVID-19", "tab:red")):
         sel = coords["y"].astype(int) == y

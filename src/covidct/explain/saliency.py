@@ -148,26 +148,42 @@ def saliency_on_ct(grad_roi: np.ndarray, ct_box: np.ndarray, lung_box: np.ndarra
     for axis, n in enumerate(box.shape):            # adjoint of the separable resize
         matrix = resize_matrix(n, h.shape[axis], bool(attrs.get("antialias", False)))
         h = np.moveaxis(np.tensordot(matrix.T, np.moveaxis(h, axis, 0), axes=1), 0, axis)
+    h = np.ascontiguousarray(h)
     suppressed, limits = suppress_non_lung(box, lung, float(attrs.get("percentile", 95)),
                                            float(attrs.get("n_std", 4)))
     mean, sd = float(attrs["zscore_mean"]), float(attrs["zscore_sd"])
-    z = (suppressed - np.float32(mean)) / np.float32(sd)
+    z = suppressed                                  # z-scored in place (the array is ours)
+    z -= np.float32(mean)
+    z /= np.float32(sd)
     # z-scoring over the box: d z_i / d s_k = (delta_ik - 1/N - z_i z_k / N) / sd
-    grad_s = (h - np.float32(h.mean()) - z * np.float32((h * z).mean())) / np.float32(sd)
+    grad_s = h                                      # in place: h is not used again
+    h_mean, hz_mean = float(h.mean()), float(np.mean(h * z))
+    z *= np.float32(hz_mean)
+    grad_s -= np.float32(h_mean)
+    grad_s -= z
+    grad_s /= np.float32(sd)
+    del z
     clipped = box >= np.float32(limits["clip_hu"])
     free = ~clipped
     if limits["clamp_hu"] is not None:
         lo, hi = (np.float32(v) for v in limits["clamp_hu"])
+        outside = ~lung
         level = np.minimum(box, np.float32(limits["clip_hu"]))       # the value the clamp sees
-        at_lo, at_hi = ~lung & (level <= lo), ~lung & (level >= hi)
+        at_lo, at_hi = outside & (level <= lo), outside & (level >= hi)
+        del level
         free &= lung | ((box > lo) & (box < hi))
         # the clamp limits are the lung's mean +/- n sd: each lung voxel below the clip moves
-        # them, and with them every voxel pinned to a limit
+        # them, and with them every voxel pinned to a limit; as a function of the voxel's HU,
+        # (a_hi (1 + n z) + a_lo (1 - n z)) / n_lung with z = (HU - mean) / sd, linear in HU
         n_std = float(limits["n_std"])
         mu, sigma = float(limits["lung_mean_hu"]), float(limits["lung_std_hu"]) or 1.0
         n_lung = int(lung.sum())
-        z_lung = (box - np.float32(mu)) / np.float32(sigma)
         a_hi, a_lo = float(grad_s[at_hi].sum()), float(grad_s[at_lo].sum())
-        via_limits = (a_hi * (1.0 + n_std * z_lung) + a_lo * (1.0 - n_std * z_lung)) / n_lung
-        grad_s = np.where(lung & ~clipped, grad_s + via_limits.astype(np.float32), grad_s)
-    return np.abs(grad_s) * free
+        slope = n_std * (a_hi - a_lo) / (n_lung * sigma)
+        offset = (a_hi + a_lo) / n_lung - slope * mu
+        moving = lung & ~clipped
+        via_limits = box[moving] * np.float32(slope) + np.float32(offset)
+        grad_s[moving] += via_limits
+    np.abs(grad_s, out=grad_s)
+    grad_s[~free] = 0
+    return grad_s

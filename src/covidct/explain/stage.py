@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,18 +71,37 @@ def sample_patients(preds: pd.DataFrame, available: set[str], n_per_site: int,
     return chosen
 
 
-def explain_patient(model, site: str, patient: str, stores: PatientStores,
-                    figure: Path | None, params: ExplainParams) -> dict | None:
-    """The saliency of one patient: its in-lung fractions (None without a lung mask) and, with
-    ``figure``, the overlay picture."""
+def saliency_of(model, model_path: Path) -> Callable[[np.ndarray], np.ndarray]:
+    """``roi -> d p / d roi``: the export with its input gradient in onnxruntime
+    (``model.saliency.onnx`` beside the model, see :mod:`covidct.model.onnx_gradient`), else
+    Keras's automatic differentiation of ``model``; the log says which."""
+    import os
+
+    from covidct.explain.saliency import saliency
+    from covidct.model.onnx_graph import onnx_beside
+
+    exported = onnx_beside(model_path, int(os.environ.get("OMP_NUM_THREADS", 0)),
+                           saliency=True)
+    if exported is None:
+        log.info("saliency by the Keras backend's automatic differentiation")
+        return lambda roi: saliency(model, roi)
+    log.info("saliency by onnxruntime on %s", exported.path.name)
+    return lambda roi: exported.with_saliency(roi)[2]
+
+
+def explain_patient(gradient: Callable[[np.ndarray], np.ndarray], site: str, patient: str,
+                    stores: PatientStores, figure: Path | None,
+                    params: ExplainParams) -> dict | None:
+    """The saliency (``gradient`` of the ROI, see :func:`saliency_of`) of one patient: its
+    in-lung fractions (None without a lung mask) and, with ``figure``, the overlay picture."""
     from covidct.explain.figures import plot_saliency
-    from covidct.explain.saliency import saliency, saliency_fraction_in_lung, saliency_on_ct
+    from covidct.explain.saliency import saliency_fraction_in_lung, saliency_on_ct
     from covidct.io.stores import open_image, open_roi, read_label, roi_box
     from covidct.preprocess.roi import crop_to_box, lung_in_roi
 
     roi_img = open_roi(stores.roi, patient=patient)
     roi = roi_img.read().astype(np.float32)
-    grad = saliency(model, roi)
+    grad = gradient(roi)
     lung_img = open_image(stores.lung, what="lung mask", patient=patient) \
         if stores.lung.exists() else None
     mask = read_label(stores.roi, "lung")
@@ -170,6 +189,7 @@ def explain(model_path: Path, predictions: Sequence[Path], stores: dict[str, Pat
     targets = sample if params.fraction_for == "sample" else {
         s: sorted(p for p in covid.loc[covid["site"] == s, "patient"] if p in stores)
         for s in sample}
+    gradient = saliency_of(model, Path(model_path))
     rows = []
     for site, patients in targets.items():
         if not patients:
@@ -177,7 +197,7 @@ def explain(model_path: Path, predictions: Sequence[Path], stores: dict[str, Pat
         for patient in patients:
             figure = out / "saliency" / f"{site}_{patient}.png" \
                 if patient in sample.get(site, []) else None
-            row = explain_patient(model, site, patient, stores[patient], figure, params)
+            row = explain_patient(gradient, site, patient, stores[patient], figure, params)
             if row is not None:
                 rows.append(row)
     fractions = pd.DataFrame(rows, columns=list(FRACTION_COLUMNS))

@@ -165,11 +165,12 @@ def _threads() -> int:
     return int(os.environ.get("OMP_NUM_THREADS", 0))
 
 
-def load_model(model_path: Path, seconds: dict, runtime: str = "auto") -> tuple:
+def load_model(model_path: Path, seconds: dict, runtime: str = "auto",
+               saliency: bool = False) -> tuple:
     """``(feature_model, keras_model, input_size, runtime)``: the model's ONNX export in
-    onnxruntime where ``runtime`` (auto, onnx, keras) allows and a valid one lies beside it, else
-    the Keras model (``keras_model`` is None under onnxruntime). The backend's import and the
-    load are timed apart."""
+    onnxruntime (with its input gradient for ``saliency``) where ``runtime`` (auto, onnx, keras)
+    allows and a valid one lies beside it, else the Keras model (``keras_model`` is None under
+    onnxruntime). The backend's import and the load are timed apart."""
     from covidct.model.saved import load_feature_model, model_input_shape
 
     if runtime not in RUNTIMES:
@@ -179,7 +180,7 @@ def load_model(model_path: Path, seconds: dict, runtime: str = "auto") -> tuple:
         t = time.perf_counter()
         from covidct.model.onnx_graph import onnx_beside, onnx_path
 
-        exported = onnx_beside(model_path, _threads())
+        exported = onnx_beside(model_path, _threads(), saliency)
         if exported is not None:
             seconds["model_import"], seconds["model_load"] = 0.0, round(
                 time.perf_counter() - t, 3)
@@ -197,8 +198,23 @@ def load_model(model_path: Path, seconds: dict, runtime: str = "auto") -> tuple:
     return feature_model, model, model_input_shape(model), "keras"
 
 
+def import_picture_modules(seconds: dict) -> None:
+    """Import what the saliency picture is drawn with (matplotlib, scipy.ndimage), timed: done
+    while the scan is still being preprocessed, it costs no wall time."""
+    t = time.perf_counter()
+    import scipy.ndimage  # noqa: F401
+
+    import covidct.explain.figures
+    import covidct.explain.saliency  # noqa: F401
+    from covidct.io.atomic import pyplot
+
+    pyplot()
+    seconds["picture_import"] = round(time.perf_counter() - t, 3)
+
+
 def model_and_roi(scan: Path, model_path: Path, roi: RoiParams, *, parallel: bool,
-                  keep_arrays: bool, runtime: str = "auto", **preprocess) -> tuple:
+                  keep_arrays: bool, runtime: str = "auto", saliency: bool = False,
+                  **preprocess) -> tuple:
     """``(feature_model, keras_model, runtime, preprocessed, seconds)``: the model loaded and the
     scan preprocessed at the model's input size, side by side where the size can be read
     first."""
@@ -210,7 +226,10 @@ def model_and_roi(scan: Path, model_path: Path, roi: RoiParams, *, parallel: boo
         job = _Preprocessing(scan, replace(roi, size=tuple(size)),
                              keep_arrays=keep_arrays, **preprocess)
         try:
-            feature_model, model, loaded, runtime = load_model(model_path, seconds, runtime)
+            feature_model, model, loaded, runtime = load_model(model_path, seconds, runtime,
+                                                               saliency)
+            if saliency:
+                import_picture_modules(seconds)
             t = time.perf_counter()
             pre = job.result(scan)
             seconds["wait_preprocess"] = round(time.perf_counter() - t, 3)
@@ -220,7 +239,7 @@ def model_and_roi(scan: Path, model_path: Path, roi: RoiParams, *, parallel: boo
             raise CovidctError(f"the model's input {tuple(loaded)} differs from its saved "
                                f"config {size}", step=STEP, path=model_path)
     else:
-        feature_model, model, size, runtime = load_model(model_path, seconds, runtime)
+        feature_model, model, size, runtime = load_model(model_path, seconds, runtime, saliency)
         if any(s is None for s in size):
             raise CovidctError(f"the model accepts any input size {tuple(size)}: the ROI size "
                                "must be fixed", step=STEP, path=model_path)
@@ -231,21 +250,25 @@ def model_and_roi(scan: Path, model_path: Path, roi: RoiParams, *, parallel: boo
     return feature_model, model, runtime, pre, {**pre["seconds"], **seconds}
 
 
-def classify(feature_model, roi16: np.ndarray, model_path: Path) -> tuple[float, np.ndarray]:
-    """The COVID-19 probability and the 64-d DL feature of one ROI (Keras or onnxruntime)."""
+def classify(feature_model, roi16: np.ndarray, model_path: Path) -> tuple:
+    """``(probability, dl_feature, saliency or None)`` of one ROI (Keras or onnxruntime): the
+    saliency comes with an ONNX model loaded with its gradient."""
     from covidct.model.onnx_graph import OnnxFeatureModel
 
-    roi = roi16.astype(np.float32)[None, ..., None]   # what predict-site feeds: float16 as float32
-    if isinstance(feature_model, OnnxFeatureModel):
-        prob, feat = feature_model(roi)
+    roi = roi16.astype(np.float32)   # what predict-site feeds: float16 as float32
+    grad = None
+    if isinstance(feature_model, OnnxFeatureModel) and feature_model.saliency:
+        prob, feat, grad = feature_model.with_saliency(roi)
+    elif isinstance(feature_model, OnnxFeatureModel):
+        prob, feat = feature_model(roi[None, ..., None])
     else:
-        prob, feat = feature_model([roi], training=False)
+        prob, feat = feature_model([roi[None, ..., None]], training=False)
     prob = float(np.asarray(prob, dtype=np.float64).ravel()[0])
     feature = np.asarray(feat, dtype=np.float64).ravel()
     if not np.isfinite(prob) or not np.isfinite(feature).all():
         raise CovidctError("the model gave a non-finite probability or feature", step=STEP,
                            path=model_path)
-    return prob, feature
+    return prob, feature, grad
 
 
 def read_cox_for(cox_path: Path, age, sex, comorbidity) -> dict:
@@ -278,13 +301,14 @@ def risk_of(cox: dict, feature: np.ndarray, age, sex, comorbidity, cox_path: Pat
     return {"risk": risk, "risk_group": group, "risk_direction": direction}
 
 
-def saliency_picture(model, roi16: np.ndarray, pre: dict, path: Path, title: str) -> tuple:
-    """The saliency picture at ``path``; returns ``(saliency, in-lung fractions or None)``."""
+def saliency_picture(sal: np.ndarray, roi16: np.ndarray, pre: dict, path: Path,
+                     title: str) -> dict | None:
+    """The picture of the saliency ``sal`` of the ROI at ``path``; returns the in-lung fractions
+    (None without the CT box)."""
     from covidct.explain.figures import plot_saliency
-    from covidct.explain.saliency import saliency, saliency_fraction_in_lung, saliency_on_ct
+    from covidct.explain.saliency import saliency_fraction_in_lung, saliency_on_ct
 
     roi = roi16.astype(np.float32)
-    sal = saliency(model, roi)
     ct_sal = fractions = None
     if pre.get("ct_box") is not None:
         ct_sal = saliency_on_ct(sal, pre["ct_box"], pre["lung_box"], pre["attrs"])
@@ -292,7 +316,7 @@ def saliency_picture(model, roi16: np.ndarray, pre: dict, path: Path, title: str
                      "ct": saliency_fraction_in_lung(ct_sal, pre["lung_box"])}
     plot_saliency(path, roi, sal, title, lung_mask_roi=pre["lung_roi"],
                   ct_box=pre.get("ct_box"), ct_saliency=ct_sal, lung_box=pre.get("lung_box"))
-    return sal, fractions
+    return fractions
 
 
 def predict_scan(scan: str | Path, model_path: str | Path, *, cox_path: str | Path | None = None,
@@ -305,8 +329,9 @@ def predict_scan(scan: str | Path, model_path: str | Path, *, cox_path: str | Pa
     """Run one scan through the system; returns the JSON-ready result (see the CLI help).
 
     ``roi`` gives the ROI settings (its size is the model's input size, whatever ``roi.size``).
-    ``runtime`` (see :data:`RUNTIMES`) is Keras whenever a saliency picture is asked for: it
-    needs the network's gradient.
+    ``runtime`` (see :data:`RUNTIMES`): for a saliency picture onnxruntime runs the export with
+    its input gradient (:mod:`covidct.model.onnx_gradient`), Keras its own automatic
+    differentiation.
     ``return_arrays`` (in-process, not parallel) adds the numpy arrays under ``"_arrays"``
     (ct, mask, roi, saliency) for tests and benchmarks.
     """
@@ -319,19 +344,15 @@ def predict_scan(scan: str | Path, model_path: str | Path, *, cox_path: str | Pa
         raise CovidctError("model file not found", step=STEP, path=model_path)
     if not scan.exists():
         raise CovidctError("no such file or folder", step=STEP, path=scan)
-    if saliency_path is not None and runtime != "keras":
-        if runtime == "onnx":
-            raise CovidctError("--saliency needs the network's gradient: it runs in Keras, not "
-                               "with --runtime onnx", step=STEP)
-        runtime = "keras"
     feature_model, model, runtime, pre, seconds = model_and_roi(
         scan, model_path, roi, parallel=parallel, keep_arrays=return_arrays, runtime=runtime,
+        saliency=saliency_path is not None,
         segmentation=segmentation, segmenter=segmenter, ingest=ingest,
         lung_in_roi=saliency_path is not None)
     roi16, roi_attrs = pre["roi"], pre["attrs"]
 
     t = time.perf_counter()
-    prob, feature = classify(feature_model, roi16, model_path)
+    prob, feature, sal = classify(feature_model, roi16, model_path)
     seconds["inference"] = round(time.perf_counter() - t, 3)
     label = "covid" if prob >= threshold else "non-covid"
     log.info("COVID-19 probability %.4f (threshold %g: %s) in %.2f s", prob, threshold, label,
@@ -339,11 +360,15 @@ def predict_scan(scan: str | Path, model_path: str | Path, *, cox_path: str | Pa
     risk = {"risk": None, "risk_group": None, "risk_direction": None} if cox is None \
         else risk_of(cox, feature, age, sex, comorbidity, Path(cox_path))
 
-    sal = fractions = None
+    fractions = None
     if saliency_path is not None:
         t = time.perf_counter()
-        sal, fractions = saliency_picture(
-            model, roi16, pre, Path(saliency_path),
+        if sal is None:
+            from covidct.explain.saliency import saliency
+
+            sal = saliency(model, roi16.astype(np.float32))
+        fractions = saliency_picture(
+            sal, roi16, pre, Path(saliency_path),
             f"COVID-19 probability {prob:.3f} ({label} at threshold {threshold:g})")
         seconds["saliency"] = round(time.perf_counter() - t, 3)
         log.info("saliency -> %s in %.2f s", saliency_path, seconds["saliency"])
@@ -518,8 +543,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--runtime", choices=RUNTIMES, default="auto",
                         help="where the network runs: onnxruntime on the system's model.onnx "
                              "(starts in well under a second), or Keras; auto (default) takes "
-                             "model.onnx where it is the model's export, and Keras for "
-                             "--saliency")
+                             "model.onnx where it is the model's export (with --saliency too: "
+                             "it adds the network's gradient to the graph)")
     parser.add_argument("--sequential", dest="parallel", action="store_false",
                         help="do not read and segment the scan in a second process while "
                              "the model loads (slower; for debugging)")

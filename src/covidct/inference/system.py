@@ -2,9 +2,10 @@
 training scans were processed (nnU-Net's pattern: the plan travels with the model).
 
 A system is a folder (``results/models/finetune_covid/``) holding ``model.keras`` and its ONNX
-export ``model.onnx``, ``run.json``, ``plan.json`` (the ingest, segmentation and ROI parameters
-of the training scans, the decision and Youden thresholds, what the training data were) and,
-where a Cox model was fitted, ``cox.json``; with the FPN segmenter also ``segmenter.keras``.
+exports ``model.onnx`` and ``model.saliency.onnx`` (with the input gradient), ``run.json``,
+``plan.json`` (the ingest, segmentation and ROI parameters of the training scans, the decision
+and Youden thresholds, what the training data were) and, where a Cox model was fitted,
+``cox.json``; with the FPN segmenter also ``segmenter.keras``.
 ``covidct system`` completes the folder after training; the MLflow run of the model holds the
 same files under ``system/``, so a registered model version
 (``models:/covidct-finetune_covid/3``) is a system too.
@@ -79,11 +80,12 @@ def youden_of(predictions) -> dict | None:
 def assemble(folder: str | Path, *, threshold: float, youden_from=(), cox: Path | None = None,
              segmenter: Path | None = None,
              tracking: TrackingParams = TrackingParams()) -> dict:
-    """Complete a trained model's folder into a system: plan.json, model.onnx (the model's
-    export for ``covidct predict``), and cox.json and segmenter.keras copied in; the same files
+    """Complete a trained model's folder into a system: plan.json, model.onnx and
+    model.saliency.onnx (the model's export for ``covidct predict``, the second with its input
+    gradient), and cox.json and segmenter.keras copied in; the same files
     go to the model's MLflow run. Returns the plan."""
     from covidct.io.atomic import atomic_path, file_sha256
-    from covidct.model.onnx_graph import export_onnx
+    from covidct.model.onnx_graph import export_onnx, saliency_onnx_path
 
     folder = Path(folder)
     run = read_run(folder)
@@ -131,6 +133,7 @@ def assemble(folder: str | Path, *, threshold: float, youden_from=(), cox: Path 
 
     plan["covidct_version"] = __version__
     files.append(export_onnx(folder / plan["model"]))
+    files.append(saliency_onnx_path(files[-1]))
     path = write_plan(folder, plan)
     if tracking.enabled and run.get("run_id"):
         _log_to_run(tracking, run["run_id"], [path, *files])

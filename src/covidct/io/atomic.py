@@ -78,6 +78,17 @@ def write_csv(path: str | Path, table, **to_csv) -> Path:
     return Path(path)
 
 
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (files only, no display), the one every figure
+    is drawn with."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def save_figure(fig, path: str | Path, **savefig) -> Path:
     """A matplotlib figure as PNG; the figure is closed."""
     with atomic_path(path) as tmp:

@@ -2,9 +2,11 @@
 
 :func:`export_onnx` writes ``model.onnx`` beside a trained ``model.keras``: the same network in
 float32 with both outputs, the probability and the DL feature, and the Keras file's SHA-256 in
-its metadata. :class:`OnnxFeatureModel` runs it with onnxruntime, which starts in a fraction of
-a second where TensorFlow takes several. Only the layers COVID-19Net is built from (both
-arrangements) are translated; any other layer is refused by name.
+its metadata; and ``model.saliency.onnx``, the same graph with a third output, its input
+gradient (:mod:`covidct.model.onnx_gradient`), for the saliency picture. :class:`OnnxFeatureModel`
+runs either with onnxruntime, which starts in a fraction of a second where TensorFlow takes
+several. Only the layers COVID-19Net is built from (both arrangements) are translated; any other
+layer is refused by name.
 """
 
 from __future__ import annotations
@@ -30,6 +32,12 @@ DIGEST_KEY = "covidct.keras_sha256"
 def onnx_path(model_path: str | Path) -> Path:
     """Where a Keras model's ONNX export lies: beside it, ``model.onnx`` for ``model.keras``."""
     return Path(model_path).with_suffix(".onnx")
+
+
+def saliency_onnx_path(model_path: str | Path) -> Path:
+    """Where the export with the input gradient lies: ``model.saliency.onnx`` beside
+    ``model.keras`` (or beside its ``model.onnx``)."""
+    return Path(model_path).with_suffix(".saliency.onnx")
 
 
 # --------------------------------------------------------------------------- the graph
@@ -195,9 +203,11 @@ def graph_of(model):
 
 def export_onnx(model_path: str | Path, out: str | Path | None = None) -> Path:
     """``model.onnx`` beside ``model_path`` (or at ``out``): the Keras model's ONNX export, with
-    the Keras file's SHA-256 in its metadata."""
+    the Keras file's SHA-256 in its metadata; and :func:`saliency_onnx_path` of it, the export
+    with its input gradient. Returns the export's path."""
     import onnx
 
+    from covidct.model.onnx_gradient import with_saliency
     from covidct.model.saved import load_feature_model
 
     model_path = Path(model_path)
@@ -205,18 +215,25 @@ def export_onnx(model_path: str | Path, out: str | Path | None = None) -> Path:
     _, model = load_feature_model(model_path)
     proto = graph_of(model)
     onnx.helper.set_model_props(proto, {DIGEST_KEY: file_sha256(model_path)})
+    with_gradient = with_saliency(proto)
+    with atomic_path(saliency_onnx_path(out)) as tmp:
+        onnx.save(with_gradient, str(tmp))
     with atomic_path(out) as tmp:
         onnx.save(proto, str(tmp))
-    log.info("ONNX export of %s -> %s (%d nodes)", model_path.name, out, len(proto.graph.node))
+    log.info("ONNX export of %s -> %s (%d nodes; with the input gradient %d, %s)",
+             model_path.name, out, len(proto.graph.node), len(with_gradient.graph.node),
+             saliency_onnx_path(out).name)
     return out
 
 
 # --------------------------------------------------------------------------- running it
 
 class OnnxFeatureModel:
-    """An exported COVID-19Net in onnxruntime: ``model(roi)`` -> (probability, dl_feature)."""
+    """An exported COVID-19Net in onnxruntime: ``model(roi)`` -> (probability, dl_feature); for
+    a graph with the input gradient (``model.saliency.onnx``, or ``add_saliency`` to add it in
+    memory), also :meth:`with_saliency`."""
 
-    def __init__(self, path: str | Path, threads: int = 0):
+    def __init__(self, path: str | Path, threads: int = 0, add_saliency: bool = False):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -225,11 +242,18 @@ class OnnxFeatureModel:
         options.log_severity_level = 3
         self.path = Path(path)
         try:
-            self.session = ort.InferenceSession(str(path), options,
-                                                providers=["CPUExecutionProvider"])
-        except Exception as err:       # onnxruntime raises its own kinds for a bad file
+            graph = _saliency_graph(self.path) if add_saliency else str(path)
+            self.session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+        except Exception as err:       # onnx and onnxruntime raise their own kinds for a bad file
             raise CovidctError(f"cannot load the ONNX model: {err}", path=path) from None
         self.metadata = self.session.get_modelmeta().custom_metadata_map
+
+    @property
+    def saliency(self) -> bool:
+        """Whether the graph gives the input gradient (:meth:`with_saliency`)."""
+        from covidct.model.onnx_gradient import SALIENCY
+
+        return any(o.name == SALIENCY for o in self.session.get_outputs())
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -246,10 +270,35 @@ class OnnxFeatureModel:
                                          {INPUT: np.ascontiguousarray(roi, np.float32)})
         return prob, feature
 
+    def with_saliency(self, roi: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(probability (1, 1), dl_feature (1, 64), saliency (D, H, W)) of one ROI (D, H, W):
+        the saliency is ``d probability / d roi`` (see :mod:`covidct.model.onnx_gradient`)."""
+        from covidct.model.onnx_gradient import SALIENCY
 
-def onnx_beside(model_path: str | Path, threads: int = 0) -> OnnxFeatureModel | None:
+        if not self.saliency:
+            raise ValueError(f"{self.path.name} has no input gradient (its saliency graph)")
+        roi = np.asarray(roi, np.float32)
+        prob, feature, grad = self.session.run(
+            [*OUTPUTS, SALIENCY], {INPUT: np.ascontiguousarray(roi[None, ..., None])})
+        return prob, feature, grad.reshape(roi.shape)
+
+
+def _saliency_graph(path: Path) -> bytes:
+    """The export at ``path`` with its input gradient added, serialised for onnxruntime (the
+    ``onnx`` package this needs takes about a second to import)."""
+    import onnx
+
+    from covidct.model.onnx_gradient import with_saliency
+
+    return with_saliency(onnx.load(str(path))).SerializeToString()
+
+
+def onnx_beside(model_path: str | Path, threads: int = 0,
+                saliency: bool = False) -> OnnxFeatureModel | None:
     """The ONNX export of ``model_path`` when one lies beside it, is its export and onnxruntime
-    is installed; None otherwise (with the reason logged)."""
+    is installed; None otherwise (with the reason logged). With ``saliency``, the export with
+    its input gradient: ``model.saliency.onnx``, else the gradient added to ``model.onnx`` in
+    memory (an export older than the saliency graph)."""
     path = onnx_path(model_path)
     if not path.is_file():
         log.info("no %s beside the model: running it in Keras", path.name)
@@ -259,7 +308,18 @@ def onnx_beside(model_path: str | Path, threads: int = 0) -> OnnxFeatureModel | 
     except ImportError:
         log.info("onnxruntime is not installed: running the model in Keras")
         return None
-    model = OnnxFeatureModel(path, threads)
+    if saliency:
+        exported = saliency_onnx_path(model_path)
+        if exported.is_file():
+            model = OnnxFeatureModel(exported, threads)
+            if model.exports(model_path) and model.saliency:
+                return model
+            log.warning("%s is not the export of %s with its input gradient: adding the "
+                        "gradient to %s", exported, Path(model_path).name, path.name)
+        else:
+            log.info("no %s beside the model: adding the input gradient to %s", exported.name,
+                     path.name)
+    model = OnnxFeatureModel(path, threads, add_saliency=saliency)
     if not model.exports(model_path):
         log.warning("%s is not the export of %s (content hash differs): running the Keras model",
                     path, Path(model_path).name)
