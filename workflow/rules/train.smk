@@ -86,6 +86,9 @@ if PLAN.ablation:
             "logs/train/random_init.log",
         benchmark:
             "logs/benchmark/train_random_init.tsv"
+        # before the fine-tuned model's predictions and explain: otherwise, on a machine with
+        # as many cores as training threads, it waits for the single-threaded explain to end
+        priority: 1
         conda:
             deep_env()
         threads: TRAINING["threads"]
