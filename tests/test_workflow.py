@@ -130,9 +130,10 @@ def test_tiny_workflow_runs_end_to_end(tiny_run):
     sal = pd.read_csv(results / "explain" / "saliency_in_lung.csv")
     assert len(sal) and sal[["fraction", "fraction_ct"]].stack().between(0, 1).all()
     assert (sal["fraction_ct"] > sal["lung_volume_fraction_ct"]).mean() >= 0.5
-    # the trained system holds the export with its input gradient, which explain runs on
+    # the trained system holds the export with its input gradient; explain runs its saliency
+    # on the model's translation too
     assert (results / "models" / "finetune_covid" / "model.saliency.onnx").is_file()
-    assert "saliency by onnxruntime on model.saliency.onnx" in (
+    assert "saliency by onnxruntime on the model's ONNX translation" in (
         workdir / "logs" / "explain.log").read_text()
 
 

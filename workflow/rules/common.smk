@@ -562,15 +562,6 @@ def model_file(model):
     return f"{MODELS}/{model}/model.keras"
 
 
-def saliency_graph_input():
-    """The trained system's export with its input gradient, which explain's saliency runs on:
-    made here (rule trained_system) where the model is trained here; a given system's is used
-    where it lies beside its model (explain's log says which)."""
-    if PLAN.finetune and SYSTEM is None:
-        return [f"{MODELS}/finetune_covid/model.saliency.onnx"]
-    return []
-
-
 def eval_file(model, name, site="{site}"):
     return f"{RESULTS}/{EVAL_DIRS[model].format(site=site)}/{name}"
 

@@ -75,7 +75,6 @@ if PLAN.model:
     rule explain:
         input:
             model=model_file("finetune_covid"),
-            saliency_graph=saliency_graph_input(),
             predictions=[eval_file("finetune_covid", "predictions.csv", s) for s in EVAL_SITES],
             rois=store_paths(EVAL_SITES, "roi.zarr"),
             lungs=store_paths(EVAL_SITES, "lung.zarr"),

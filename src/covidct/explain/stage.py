@@ -71,22 +71,24 @@ def sample_patients(preds: pd.DataFrame, available: set[str], n_per_site: int,
     return chosen
 
 
-def saliency_of(model, model_path: Path) -> Callable[[np.ndarray], np.ndarray]:
-    """``roi -> d p / d roi``: the export with its input gradient in onnxruntime
-    (``model.saliency.onnx`` beside the model, see :mod:`covidct.model.onnx_gradient`), else
-    Keras's automatic differentiation of ``model``; the log says which."""
+def saliency_of(model) -> Callable[[np.ndarray], np.ndarray]:
+    """``roi -> d p / d roi``: the model translated to ONNX with its input gradient, in
+    onnxruntime (:mod:`covidct.model.onnx_gradient`), else where it has no translation Keras's
+    automatic differentiation; the log says which."""
     import os
 
     from covidct.explain.saliency import saliency
-    from covidct.model.onnx_graph import onnx_beside
+    from covidct.model.onnx_graph import OnnxFeatureModel
 
-    exported = onnx_beside(model_path, int(os.environ.get("OMP_NUM_THREADS", 0)),
-                           saliency=True)
-    if exported is None:
-        log.info("saliency by the Keras backend's automatic differentiation")
+    try:
+        translated = OnnxFeatureModel.of_keras(
+            model, int(os.environ.get("OMP_NUM_THREADS", 0)), saliency=True)
+    except (CovidctError, ImportError) as err:
+        log.info("saliency by the Keras backend's automatic differentiation (no ONNX "
+                 "translation: %s)", err)
         return lambda roi: saliency(model, roi)
-    log.info("saliency by onnxruntime on %s", exported.path.name)
-    return lambda roi: exported.with_saliency(roi)[2]
+    log.info("saliency by onnxruntime on the model's ONNX translation with its input gradient")
+    return lambda roi: translated.with_saliency(roi)[2]
 
 
 def explain_patient(gradient: Callable[[np.ndarray], np.ndarray], site: str, patient: str,
@@ -189,7 +191,7 @@ def explain(model_path: Path, predictions: Sequence[Path], stores: dict[str, Pat
     targets = sample if params.fraction_for == "sample" else {
         s: sorted(p for p in covid.loc[covid["site"] == s, "patient"] if p in stores)
         for s in sample}
-    gradient = saliency_of(model, Path(model_path))
+    gradient = saliency_of(model)
     rows = []
     for site, patients in targets.items():
         if not patients:

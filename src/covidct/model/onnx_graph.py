@@ -231,9 +231,11 @@ def export_onnx(model_path: str | Path, out: str | Path | None = None) -> Path:
 class OnnxFeatureModel:
     """An exported COVID-19Net in onnxruntime: ``model(roi)`` -> (probability, dl_feature); for
     a graph with the input gradient (``model.saliency.onnx``, or ``add_saliency`` to add it in
-    memory), also :meth:`with_saliency`."""
+    memory), also :meth:`with_saliency`. ``graph`` (serialised) is run instead of the file at
+    ``path``, which then only names it."""
 
-    def __init__(self, path: str | Path, threads: int = 0, add_saliency: bool = False):
+    def __init__(self, path: str | Path, threads: int = 0, add_saliency: bool = False,
+                 graph: bytes | None = None):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -242,11 +244,24 @@ class OnnxFeatureModel:
         options.log_severity_level = 3
         self.path = Path(path)
         try:
-            graph = _saliency_graph(self.path) if add_saliency else str(path)
+            if graph is None:
+                graph = _saliency_graph(self.path) if add_saliency else str(path)
             self.session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
         except Exception as err:       # onnx and onnxruntime raise their own kinds for a bad file
             raise CovidctError(f"cannot load the ONNX model: {err}", path=path) from None
         self.metadata = self.session.get_modelmeta().custom_metadata_map
+
+    @classmethod
+    def of_keras(cls, model, threads: int = 0, saliency: bool = False,
+                 name: str | Path = "model.keras") -> OnnxFeatureModel:
+        """A built COVID-19Net translated in memory (:func:`graph_of`), with its input gradient
+        where ``saliency``; refused by name like the export for a layer without translation."""
+        from covidct.model.onnx_gradient import with_saliency
+
+        proto = graph_of(model)
+        if saliency:
+            proto = with_saliency(proto)
+        return cls(name, threads, graph=proto.SerializeToString())
 
     @property
     def saliency(self) -> bool:
