@@ -30,11 +30,18 @@ class _Backward:
             self.shapes[info.name] = tuple(int(d.dim_value) for d in dims)
         self.nodes, self.constants = [], []
         self.grads: dict[str, list[str]] = {}
+        self.scalars: dict[float, str] = {}
         self.count = 0
 
     def name(self, hint: str) -> str:
         self.count += 1
         return f"grad/{hint}/{self.count}"
+
+    def scalar(self, value: float) -> str:
+        """One float32 scalar constant, shared by every node that needs it."""
+        if value not in self.scalars:
+            self.scalars[value] = self.constant("scalar", np.float32(value))
+        return self.scalars[value]
 
     def constant(self, hint: str, array) -> str:
         from onnx import numpy_helper
@@ -90,12 +97,12 @@ class _Backward:
         self.add(node.input[0], self.node("Transpose", [dy], "transpose", perm=inverse))
 
     def _relu(self, node, dy, attrs):
-        zero = self.constant("zero", np.zeros((), np.float32))
+        zero = self.scalar(0.0)
         positive = self.node("Greater", [node.output[0], zero], "relu_on")
         self.add(node.input[0], self.node("Where", [positive, dy, zero], "relu"))
 
     def _sigmoid(self, node, dy, attrs):
-        one = self.constant("one", np.ones((), np.float32))
+        one = self.scalar(1.0)
         y = node.output[0]
         slope = self.node("Mul", [y, self.node("Sub", [one, y], "one_minus")], "slope")
         self.add(node.input[0], self.node("Mul", [dy, slope], "sigmoid"))
@@ -169,7 +176,7 @@ class _Backward:
         begin = self._pool_begin(attrs, n, m, window)
         peak = self._spread(y, m, window, begin, n, "pool_peak")
         ties = self.node("Equal", [x, peak], "pool_ties")
-        zero = self.constant("zero", np.zeros((), np.float32))
+        zero = self.scalar(0.0)
         spread = self._spread(dy, m, window, begin, n, "pool_grad")
         self.add(x, self.node("Where", [ties, spread, zero], "pool"))
 

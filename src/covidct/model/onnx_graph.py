@@ -230,12 +230,11 @@ def export_onnx(model_path: str | Path, out: str | Path | None = None) -> Path:
 
 class OnnxFeatureModel:
     """An exported COVID-19Net in onnxruntime: ``model(roi)`` -> (probability, dl_feature); for
-    a graph with the input gradient (``model.saliency.onnx``, or ``add_saliency`` to add it in
-    memory), also :meth:`with_saliency`. ``graph`` (serialised) is run instead of the file at
-    ``path``, which then only names it."""
+    a graph with the input gradient (``model.saliency.onnx``, or one built in memory), also
+    :meth:`with_saliency`. ``graph`` (serialised) is run instead of the file at ``path``, which
+    then only names it."""
 
-    def __init__(self, path: str | Path, threads: int = 0, add_saliency: bool = False,
-                 graph: bytes | None = None):
+    def __init__(self, path: str | Path, threads: int = 0, graph: bytes | None = None):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -244,10 +243,9 @@ class OnnxFeatureModel:
         options.log_severity_level = 3
         self.path = Path(path)
         try:
-            if graph is None:
-                graph = _saliency_graph(self.path) if add_saliency else str(path)
-            self.session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
-        except Exception as err:       # onnx and onnxruntime raise their own kinds for a bad file
+            self.session = ort.InferenceSession(str(path) if graph is None else graph, options,
+                                                providers=["CPUExecutionProvider"])
+        except Exception as err:       # onnxruntime raises its own kinds for a bad file
             raise CovidctError(f"cannot load the ONNX model: {err}", path=path) from None
         self.metadata = self.session.get_modelmeta().custom_metadata_map
 
@@ -305,7 +303,11 @@ def _saliency_graph(path: Path) -> bytes:
 
     from covidct.model.onnx_gradient import with_saliency
 
-    return with_saliency(onnx.load(str(path))).SerializeToString()
+    try:
+        proto = onnx.load(str(path))
+    except Exception as err:       # onnx raises its own kinds for a bad file
+        raise CovidctError(f"cannot load the ONNX model: {err}", path=path) from None
+    return with_saliency(proto).SerializeToString()
 
 
 def onnx_beside(model_path: str | Path, threads: int = 0,
@@ -334,7 +336,7 @@ def onnx_beside(model_path: str | Path, threads: int = 0,
         else:
             log.info("no %s beside the model: adding the input gradient to %s", exported.name,
                      path.name)
-    model = OnnxFeatureModel(path, threads, add_saliency=saliency)
+    model = OnnxFeatureModel(path, threads, graph=_saliency_graph(path) if saliency else None)
     if not model.exports(model_path):
         log.warning("%s is not the export of %s (content hash differs): running the Keras model",
                     path, Path(model_path).name)
