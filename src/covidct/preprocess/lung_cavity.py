@@ -8,11 +8,13 @@ fat plane, nor bone, nor the rib cage, nor the hilum) that
 - lies where lung is expected: lung both above and below it within ``enclose_mm`` (a lesion is
   enclosed by lung in z; the liver under the dome, the heart and the chest wall are not), or
   inside the other lung's mirror image (a lung's cavity is about the other's), moved to this
-  lung's dome (the median height of the right base over the left's) and ``mirror_lift_mm``
-  higher (the liver, spleen and stomach under the domes stay out), and in this lung's upper
-  third only under its air (the neck beside the apex stays out);
+  lung's dome (:func:`dome_offset`) and ``mirror_lift_mm`` higher (the liver, spleen and
+  stomach under the domes stay out), and in this lung's upper third only under its air (the
+  neck beside the apex stays out);
 - lies no nearer the midline than the row's medial-most air (the heart, the hilum and the
-  mediastinum stay out; a row without air takes all);
+  mediastinum stay out; a row without air takes all); behind the vertebral bodies' front, the
+  medial-most air of the slices within ``medial_mm`` (a mass in the paravertebral gutter
+  pushes the air back in its own slices only; the aorta beside the spine stays out);
 - survives an in-plane opening (no one-voxel rims of chest wall), touches the lung in its own
   slice (a fully consolidated slice: in 3-D) and holds at least ``min_lesion_ml``;
 - with the air bronchograms and vessels it encloses.
@@ -30,7 +32,7 @@ from covidct.preprocess.morphology import bbox_slices, fill_holes_2d
 
 @dataclass(frozen=True)
 class CavityRules:
-    """The tissue limits and sizes of the lesion fill."""
+    """The tissue limits, sizes and priors of the lesion fill."""
 
     fat_hu: tuple[float, float] = (-220.0, -35.0)
     fat_plane_fraction: float = 0.3
@@ -39,6 +41,9 @@ class CavityRules:
     enclose_mm: float = 70.0
     hilum_mm: float = 30.0
     mirror_lift_mm: float = 5.0
+    dome_peak_ratio: float = 2.5
+    medial_mm: float = 15.0
+    spine_half_width_mm: float = 25.0
     min_lesion_ml: float = 3.0
 
 
@@ -103,6 +108,26 @@ def body_midline(body: np.ndarray) -> float:
     return 0.5 * (xs[0] + xs[-1]) if xs.size else body.shape[2] / 2
 
 
+def spine_front(hu: np.ndarray, body: np.ndarray, mid_x: float, spacing,
+                rules: CavityRules) -> float:
+    """The y of the vertebral bodies' front: the median over the slices of the front-most bone
+    within ``spine_half_width_mm`` of the midline in the body's back half (the back half's
+    start where no slice holds such bone)."""
+    ys = np.nonzero(body.any(axis=(0, 2)))[0]
+    if not ys.size:
+        return hu.shape[1] / 2
+    centre = 0.5 * (ys[0] + ys[-1])
+    half = max(1, int(round(rules.spine_half_width_mm / spacing[2])))
+    x0, x1 = max(0, int(mid_x) - half), int(mid_x) + half + 1
+    y0 = int(np.ceil(centre))
+    bone = hu[:, y0:, x0:x1] >= rules.bone_hu
+    has = bone.any(axis=(1, 2))
+    if not has.any():
+        return centre
+    front = bone.any(axis=2).argmax(axis=1)[has]
+    return y0 + float(np.median(front))
+
+
 def mirror_x(mask: np.ndarray, mid_x: float) -> np.ndarray:
     """``mask`` mirrored about the column ``mid_x``."""
     nx = mask.shape[2]
@@ -125,10 +150,13 @@ def shift_z(mask: np.ndarray, k: int) -> np.ndarray:
     return out
 
 
-def lateral_of_air(lung: np.ndarray, is_right: bool) -> np.ndarray:
-    """Per (z, y) row, the columns no nearer the midline than the row's medial-most air
-    (the whole row where it holds none); the right lung lies at lower x."""
+def lateral_of_air(lung: np.ndarray, is_right: bool, n: int = 0) -> np.ndarray:
+    """Per (z, y) row, the columns no nearer the midline than the medial-most air of that row
+    in the slices within ``n`` of it (the whole row where they hold none); the right lung lies
+    at lower x."""
     nx = lung.shape[2]
+    if n > 0:
+        lung = ndi.maximum_filter1d(lung.view(np.uint8), 2 * n + 1, axis=0).view(bool)
     has = lung.any(axis=2)
     x = np.arange(nx)[None, None, :]
     if is_right:
@@ -138,18 +166,39 @@ def lateral_of_air(lung: np.ndarray, is_right: bool) -> np.ndarray:
     return x >= edge[:, :, None]
 
 
+def medial_limit(lung: np.ndarray, is_right: bool, behind: np.ndarray, n: int) -> np.ndarray:
+    """:func:`lateral_of_air` of each row; in the rows ``behind`` the spine's front (a 1-D mask
+    over y), of the slices within ``n``."""
+    return np.where(behind[None, :, None], lateral_of_air(lung, is_right, n),
+                    lateral_of_air(lung, is_right))
+
+
 def lowest_air(lung: np.ndarray) -> np.ndarray:
     """Per (y, x) column the lowest slice holding this lung's air (-1 where none)."""
     return np.where(lung.any(axis=0), lung.argmax(axis=0), -1)
 
 
-def dome_offset(right_lung: np.ndarray, left_lung: np.ndarray, mid_x: float) -> int:
-    """Slices the right dome lies above the left: the median, over the columns both lungs
-    hold air in (the left mirrored), of the difference of their lowest air."""
+def dome_offset(right_lung: np.ndarray, left_lung: np.ndarray, mid_x: float,
+                rules: CavityRules) -> int:
+    """Slices the right dome lies above the left: the median difference of the two lungs'
+    lowest air over the columns both hold air in (the left mirrored), or, where the commonest
+    difference stands out (``dome_peak_ratio`` times any 2-4 slices from it), that one.
+
+    Columns where both bases are aerated agree on one offset; a consolidated base lifts its
+    lowest air and drags the median towards the wrong side.
+    """
     right = lowest_air(right_lung)
     left = lowest_air(mirror_x(left_lung, mid_x))
     both = (right >= 0) & (left >= 0)
-    return int(np.median(right[both] - left[both])) if both.any() else 0
+    if not both.any():
+        return 0
+    diff = (right - left)[both]
+    counts = np.pad(np.bincount(diff - diff.min()), 4)
+    peak = int(counts.argmax())
+    near = np.r_[counts[peak - 4:peak - 1], counts[peak + 2:peak + 5]].max()
+    if counts[peak] >= rules.dome_peak_ratio * max(1, near):
+        return int(diff.min()) + peak - 4
+    return int(np.median(diff))
 
 
 def expected_lung(lung: np.ndarray, other: np.ndarray, mid_x: float, dz: int, spacing,
@@ -213,8 +262,10 @@ def pathology_fill(hu: np.ndarray, sides: np.ndarray, body: np.ndarray, spacing,
         free &= ~hilum
     mid_x = body_midline(body)
     xcol = np.arange(hu.shape[2])[None, None, :]
-    offset = dome_offset(sides == right, sides == left, mid_x)
+    offset = dome_offset(sides == right, sides == left, mid_x, rules)
     lift = int(round(rules.mirror_lift_mm / spacing[0]))
+    medial = int(round(rules.medial_mm / spacing[0]))
+    behind = (np.arange(hu.shape[1]) >= spine_front(hu, body, mid_x, spacing, rules))
     fill = np.zeros(hu.shape, np.uint8)
     for s, o in ((right, left), (left, right)):
         lung = sides == s
@@ -224,7 +275,7 @@ def pathology_fill(hu: np.ndarray, sides: np.ndarray, body: np.ndarray, spacing,
         dz = (offset if s == right else -offset) + lift
         env = expected_lung(lung, sides == o, mid_x, dz, spacing, rules)
         # opened in-plane (no one-voxel rims of chest wall) and lateral of the medial-most air
-        cand = free & env & own_half & lateral_of_air(lung, s == right)
+        cand = free & env & own_half & medial_limit(lung, s == right, behind, medial)
         cand = ndi.binary_opening(cand, structure=IN_PLANE)
         found = large_parts(touching_lung(cand, lung), spacing, rules.min_lesion_ml)
         found = fill_holes_2d(found | lung) & ~lung & body       # air bronchograms, vessels

@@ -115,17 +115,20 @@ def _refine_block(ct_block, z0, code, fz, f, threshold):
 
 
 def upsample_refine(ct: np.ndarray, lung: np.ndarray, fz: int, f: int,
-                    threshold: float) -> np.ndarray:
+                    threshold: float, solid: np.ndarray | None = None) -> np.ndarray:
     """Bring a working-grid lung mask back to the CT grid.
 
-    Working-grid voxels deep inside the mask (eroded by one voxel) are lung; those outside the
-    mask dilated by one voxel are not; the band between is decided voxel by voxel at full
-    resolution by the HU threshold (so the lung border is as sharp as the CT).
+    Working-grid voxels deep inside the mask (eroded by one voxel) are lung, and so are the
+    ``solid`` ones (the lesion fill: lung that is not air); those outside the mask dilated by
+    one voxel are not; the band between is decided voxel by voxel at full resolution by the HU
+    threshold (so the lung's border against air is as sharp as the CT).
     """
     if fz == 1 and f == 1:
         return lung.astype(np.uint8)
     st = ndi.generate_binary_structure(3, 1)
     inner = ndi.binary_erosion(lung, structure=st)
+    if solid is not None:
+        inner |= solid
     outer = ndi.binary_dilation(lung, structure=st)
     code = np.where(inner, INSIDE, np.where(outer, IN_BAND, 0)).astype(np.uint8)
     threshold = float(threshold)
@@ -421,16 +424,18 @@ def threshold_lung_mask(ct, spacing, params: ThresholdParams | None = None):
     timings["fill_close_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    fill = None
     if p.lesion_fill:
         from covidct.preprocess.lung_cavity import pathology_fill
 
         labels = np.where(lung, sides, 0).astype(np.uint8)
-        lung |= pathology_fill(hu, labels, body, wsp, threshold, airway=airway_cut) > 0
-        lung &= ~airway_cut
+        fill = (pathology_fill(hu, labels, body, wsp, threshold, airway=airway_cut) > 0) \
+            & ~airway_cut
+        lung |= fill
     timings["lesion_fill_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    mask = upsample_refine(ct, lung, fz, f, threshold)
+    mask = upsample_refine(ct, lung, fz, f, threshold, solid=fill)
     timings["upsample_s"] = time.perf_counter() - t
 
     voxel_ml = float(np.prod(spacing)) / 1000.0
