@@ -2,13 +2,18 @@
 
 (a) trains the FPN on N scans of the synthetic cohort (synth.patient.make_patient with the
     ``synthetic:`` section of config/config.yaml, exact lung masks), or loads ``--model``;
+    ``--lesion-cases K`` adds K patients with the dense lesion cases (synth.cohort.
+    lesion_case_rows, what the workflow adds with segmentation.train.lesion_cases);
 (b) prints the Dice of its mask on the real COPDGene case (CIP ct-64.nrrd against the
-    independent wholeLung-64.nrrd, both reoriented to LPS);
+    independent wholeLung-64.nrrd, both reoriented to LPS), and on the held-out lesion patients
+    of tests/test_lesion_masks.py the share of lesion voxels inside the FPN's mask and its Dice
+    against the exact lung mask, next to the threshold method's with its lesion fill;
 (c) prints FPN inference speed (slices per second, whole predict_probability path: normalise,
     network, resize back) at 256x256 and 128x128, with one CPU thread and with all cores
     (each in a fresh process, since TensorFlow fixes its thread pools at start-up).
 
     .venv/bin/python benchmarks/bench_fpn.py --n 36 --epochs 3 --out /tmp/fpn_bench
+    .venv/bin/python benchmarks/bench_fpn.py --n 36 --lesion-cases 12 --out /tmp/fpn_lesions
     .venv/bin/python benchmarks/bench_fpn.py --model /tmp/fpn_bench/model/model.keras --no-speed
 
 The trained model goes under --out (default /tmp/fpn_bench), never into git.
@@ -45,6 +50,14 @@ def synthetic_rows(n: int, config: Path):
     return rows[:n]
 
 
+def held_out_lesion_patients():
+    """The lesion patients of tests/test_lesion_masks.py (name -> row)."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from test_lesion_masks import PATIENTS
+
+    return PATIENTS
+
+
 def train(args) -> Path:
     import numpy as np
 
@@ -54,7 +67,12 @@ def train(args) -> Path:
 
     t0 = time.perf_counter()
     volumes = []
-    for row in synthetic_rows(args.n, args.config):
+    import yaml
+
+    from covidct.synth.cohort import lesion_case_rows
+
+    extra = lesion_case_rows(args.lesion_cases, yaml.safe_load(args.config.read_text()))
+    for row in synthetic_rows(args.n, args.config) + extra:
         ct, mask, spacing, _ = make_patient(row)
         volumes.append(prepare_volume(row["patient"], ct, mask, args.size, spacing,
                                       args.fov_mm))
@@ -107,6 +125,29 @@ def copdgene_dice(model: Path) -> None:
           f"{ref.sum()} voxels; {dt:.1f} s", flush=True)
 
 
+def lesion_inclusion(model: Path) -> None:
+    """Lesion share inside the mask and Dice against the exact lung mask, FPN and threshold."""
+    from dataclasses import replace
+
+    from covidct.params import ThresholdParams
+    from covidct.preprocess import lung_fpn
+    from covidct.preprocess.lung_threshold import threshold_lung_mask
+    from covidct.preprocess.morphology import dice
+    from covidct.synth.patient import make_patient
+
+    net = lung_fpn.load_model(model)
+    fill = replace(ThresholdParams(), lesion_fill=True)
+    for name, row in held_out_lesion_patients().items():
+        ct, lung, spacing, _, truth = make_patient(row, truth=True)
+        lesion, lung = truth["lesion_mask"] > 0, lung > 0
+        prob = lung_fpn.predict_probability(ct, net, batch_size=16, spacing_yx=spacing[1:])
+        fpn = lung_fpn.postprocess_mask(prob >= lung_fpn.THRESHOLD) > 0
+        thr = threshold_lung_mask(ct, spacing, fill)[0] > 0
+        print(f"lesion patient {name:19s} lesion inside the mask: FPN {fpn[lesion].mean():.3f}, "
+              f"threshold+fill {thr[lesion].mean():.3f}; Dice vs exact lung: FPN "
+              f"{dice(fpn, lung):.4f}, threshold+fill {dice(thr, lung):.4f}", flush=True)
+
+
 def speed_child(size: int, threads: int, n_slices: int, batch_size: int) -> None:
     """Runs in a fresh process: slices/s of predict_probability at ``size``."""
     import numpy as np
@@ -152,6 +193,8 @@ def main() -> None:
     )
     p.add_argument("--n", type=int, default=36, help="synthetic scans to train on (%(default)s)")
     p.add_argument("--config", type=Path, default=REPO / "config" / "config.yaml")
+    p.add_argument("--lesion-cases", type=int, default=0,
+                   help="dense lesion-case patients added to the training scans (%(default)s)")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=8)
@@ -185,6 +228,7 @@ def main() -> None:
     set_threads(args.threads)
     model = args.model or train(args)
     copdgene_dice(model)
+    lesion_inclusion(model)
     if not args.no_speed:
         speed(args)
 

@@ -205,3 +205,28 @@ def test_fill_survives_a_finer_ct_grid(segmented):
     lesion = np.repeat(np.repeat(case["lesion"], 3, axis=1), 3, axis=2)
     inclusion, _ = _scores(case)
     assert mask[lesion].mean() >= inclusion - 0.05, (mask[lesion].mean(), inclusion)
+
+
+def test_lesion_case_rows_feed_the_fpn_every_case_in_turn(tmp_path):
+    """segmentation.train.lesion_cases: the extra FPN training patients, written the way the
+    workflow's rule synth_lesion_case writes them (covidct synth --spec)."""
+    import json
+
+    from covidct.cli import main
+    from covidct.synth.cohort import LESION_CASE_SITE, cohort_table, lesion_case_rows
+
+    config = {"seed": 7, "matrix": 64, "sites": {"a": {"n": 3, "task": "covid"}}}
+    rows = lesion_case_rows(6, config, root=str(tmp_path))
+    assert [r["case"] for r in rows] == sorted(CASES) * 2
+    assert [r["severity"] for r in rows] == [0.5] * 3 + [0.75] * 3
+    seeds = {r["seed"] for r in rows}
+    assert len(seeds) == 6 and not seeds & set(cohort_table(config)["seed"])
+    assert lesion_case_rows(6, config, root=str(tmp_path)) == rows          # deterministic
+    row = rows[2]
+    folder = tmp_path / LESION_CASE_SITE / row["patient"]
+    assert row["image"] == str(folder / "ct.nii.gz") and row["matrix"] == 64
+    assert main(["synth", "--spec", json.dumps(row), "--image", row["image"], "--mask",
+                 row["mask"], "--lesion-mask", str(folder / LESION_MASK)]) == 0
+    lung = sitk.GetArrayFromImage(sitk.ReadImage(row["mask"])) > 0
+    lesion = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / LESION_MASK))) > 0
+    assert lesion.sum() > 50 and not (lesion & ~lung).any()

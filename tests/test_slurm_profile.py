@@ -29,7 +29,7 @@ CURVE_RULES = {f"{kind}_{base}_lc{pct}" for kind in ("train", "predict")
 GPU_RULES = {"pretrain_egfr", "finetune_covid", "train_random_init", "train_lung_segmenter",
              "predict_finetune_covid", "predict_random_init", "explain"} | CURVE_RULES
 PREPROCESS_RULES = {"ingest", "segment", "roi"}
-SYNTH_RULES = {"synth_dicom", "synth_nifti"}
+SYNTH_RULES = {"synth_dicom", "synth_nifti", "synth_lesion_case"}
 
 
 @pytest.fixture(scope="module")
@@ -90,11 +90,14 @@ def test_preprocess_is_grouped_and_sized_for_a_sequential_job_step(profile, repo
     for group in ("preprocess", "synth"):
         per_job = profile["group-components"][group]
         assert isinstance(per_job, int) and per_job >= 10, group
-    assert profile["groups"] == {r: "synth" for r in SYNTH_RULES}
-    rules = (repo / "workflow" / "rules" / "preprocess.smk").read_text()
-    for rule in PREPROCESS_RULES:
-        body = re.search(rf"^rule {rule}:\n(.*?)(?=^\S)", rules, re.S | re.M)
-        assert body and re.search(r'group:\s*\n\s*"preprocess"', body.group(1)), rule
+    assert "groups" not in profile          # the rules declare their groups
+    for name, group, members in (("preprocess", "preprocess", PREPROCESS_RULES),
+                                 ("synth", "synth", SYNTH_RULES)):
+        rules = (repo / "workflow" / "rules" / f"{name}.smk").read_text()
+        for rule in members:
+            body = re.search(rf"^\s*rule {rule}:\n(.*?)(?=^\s*(?:rule|localrules|if)\b|\Z)",
+                             rules, re.S | re.M)
+            assert body and re.search(rf'group:\s*\n\s*"{group}"', body.group(1)), rule
     # the job step runs a group's jobs one at a time: one lane per group job, kept local to it
     assert profile["resources"] == {"jobstep_lane": 1}
     assert profile["set-resource-scopes"] == {"jobstep_lane": "local"}
@@ -153,6 +156,9 @@ def test_dry_run_of_the_workflow_with_the_profile(repo, profile, tmp_path, metho
     rules = {rule for rule, local, *_ in jobs if not local}
     assert PREPROCESS_RULES <= rules and "pretrain_egfr" in rules
     assert ("train_lung_segmenter" in rules) == (method == "fpn")
+    # the FPN also learns from the dense lesion cases (segmentation.train.lesion_cases: 12)
+    cases = [job for job in jobs if job[0] == "synth_lesion_case"]
+    assert len(cases) == (12 if method == "fpn" else 0)
 
     # every submitted job carries memory and runtime; GPU jobs, and only they, one GPU
     for rule, local, threads, res in jobs:
@@ -168,14 +174,15 @@ def test_dry_run_of_the_workflow_with_the_profile(repo, profile, tmp_path, metho
             assert threads == 1, rule
 
     # a set-resources entry that names no rule would be ignored silently: no typos
-    optional = ({"train_lung_segmenter"} if method != "fpn" else set()) | CURVE_RULES
+    fpn_rules = {"train_lung_segmenter", "synth_lesion_case"}
+    optional = (fpn_rules if method != "fpn" else set()) | CURVE_RULES
     assert set(profile["set-resources"]) - rules == optional
     assert GPU_RULES - optional <= rules
 
     # patients travel in groups of group-components, not one cluster job each
     n = _patients(config)
-    for group in ("preprocess", "synth"):
+    for group, members in (("preprocess", n), ("synth", n + len(cases))):
         groups = len(re.findall(rf"Group job {group} ", log))
-        assert groups == math.ceil(n / profile["group-components"][group]), group
+        assert groups == math.ceil(members / profile["group-components"][group]), group
     assert len([r for r, *_ in jobs if r in PREPROCESS_RULES]) == 3 * n
-    assert len([r for r, *_ in jobs if r in SYNTH_RULES]) == n
+    assert len([r for r, *_ in jobs if r in SYNTH_RULES]) == n + len(cases)

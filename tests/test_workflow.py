@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import SimpleITK as sitk
 import yaml
 
 from covidct.io.tracking import client as tracking_client
@@ -323,3 +324,30 @@ def test_report_renders_in_a_browser_with_its_sections(tiny_run, tmp_path):
                     "Tables", "Training"):
         assert section in text, (section, text[:2000])
     assert "after Wang et al. 2020" in text
+
+
+def test_fpn_learns_from_the_dense_lesion_cases_too(repo, tmp_path):
+    """segmentation.method fpn: train_lung_segmenter takes the cohort's exact masks and
+    segmentation.train.lesion_cases patients with dense lesions on the lung's walls, which the
+    rule synth_lesion_case writes (run here for one of them)."""
+    workdir = _workdir(repo, tmp_path / "fpn")
+    config = _tiny_config(repo, workdir, segmentation={"method": "fpn",
+                                                       "train": {"lesion_cases": 3}})
+    jobs = _dry_run_jobs(workdir, config)
+    cases = sorted(wc for rule, wc in jobs if rule == "synth_lesion_case")
+    assert cases == [f"patient=lesion-00{i}" for i in (1, 2, 3)]
+    target = "results/synth/lesion_cases/lesion-002/lung_mask.nii.gz"
+    _snakemake(workdir, target, "--cores", "1", "--configfile", str(config))
+    folder = workdir / "results" / "synth" / "lesion_cases" / "lesion-002"
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "ct.nii.gz", "lesion_mask.nii.gz", "lung_mask.nii.gz"]
+    lung = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "lung_mask.nii.gz"))) > 0
+    lesion = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "lesion_mask.nii.gz"))) > 0
+    assert lesion.sum() > 100 and not (lesion & ~lung).any()
+    # with a sheet of the user's own pairs, no synthetic cases are added
+    sheet = workdir / "pairs.tsv"
+    sheet.write_text(f"image\tmask\n{folder / 'ct.nii.gz'}\t{folder / 'lung_mask.nii.gz'}\n")
+    config = _tiny_config(repo, workdir, segmentation={"method": "fpn",
+                                                       "train": {"sheet": str(sheet)}})
+    rules = {rule for rule, _ in _dry_run_jobs(workdir, config)}
+    assert "train_lung_segmenter" in rules and "synth_lesion_case" not in rules

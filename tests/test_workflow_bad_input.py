@@ -79,3 +79,18 @@ def test_unknown_label_or_site_stops_before_any_job(repo, real_data, tmp_path):
     assert "(patient p2), column label: 'influenza' is not one of" in text
     assert "patient p3: site 'atlantis' has no role" in text
     assert not (workdir / "results" / "patients").exists()
+
+
+def test_fpn_on_own_scans_without_masks_is_refused_clearly(repo, real_data, tmp_path):
+    workdir = _workdir(repo, tmp_path / "fpn")
+    sheet = tmp_path / "samples.tsv"
+    pd.DataFrame([_row("p1", real_data / "covid_ct_md" / "P001_ct_bin4x4x1.nii.gz")]).to_csv(
+        sheet, sep="\t", index=False)
+    config = _config(workdir, sheet)
+    cfg = yaml.safe_load(config.read_text())
+    cfg["segmentation"] = {"method": "fpn"}
+    config.write_text(yaml.safe_dump(cfg))
+    proc = _snakemake(workdir, "-n", "--configfile", str(config), check=False)
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert "segmentation.train.sheet" in out and "segmentation.model" in out, out[-3000:]

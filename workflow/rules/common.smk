@@ -423,18 +423,50 @@ def segment_env():
     return "../../envs/preprocess.yaml"
 
 
+def _lesion_cases():
+    """The lung FPN's extra training patients with dense lesion cases, by name."""
+    if SEGMENTATION["method"] != "fpn" or SEGMENTATION["model"]:
+        return {}
+    if SEGMENTATION["train"]["sheet"]:
+        return {}
+    if not SYNTHETIC:
+        raise CovidctError(
+            "segmentation.method fpn trains the lung FPN on exact lung masks, and a cohort of "
+            "your own scans has none: give segmentation.train.sheet (a TSV of image / mask "
+            "pairs) or segmentation.model (a trained FPN .keras)",
+            path=CONFIG_FILES,
+        )
+    from covidct.synth.cohort import lesion_case_rows
+
+    rows = lesion_case_rows(
+        SEGMENTATION["train"]["lesion_cases"],
+        config.get("synthetic") or {},
+        root=f"{RESULTS}/synth",
+    )
+    return {r["patient"]: r for r in rows}
+
+
+LESION_CASES = _lesion_cases()
+
+
+def lesion_case_spec(wildcards):
+    """A lesion-case patient's row, as a quoted JSON argument."""
+    return shlex.quote(json.dumps(LESION_CASES[wildcards.patient], sort_keys=True))
+
+
 def _segmenter_pairs():
-    """(image, mask) pairs: the config's sheet, or the synthetic cohort's exact masks."""
+    """(image, mask) pairs: the config's sheet, or the synthetic cohort's exact masks and the
+    lesion cases' (segmentation.train.lesion_cases)."""
     train = SEGMENTATION["train"]
     if train["sheet"]:
         table = pd.read_csv(train["sheet"], sep="\t", dtype=str)
-        pairs = list(zip(table["image"], table["mask"]))
-    else:
-        pairs = [
-            (r.image, f"{RESULTS}/synth/{r.site}/{r.patient}/lung_mask.nii.gz")
-            for r in samples.itertuples()
-        ]
-    return pairs[: train["max_patients"]]
+        return list(zip(table["image"], table["mask"]))[: train["max_patients"]]
+    pairs = [
+        (r.image, f"{RESULTS}/synth/{r.site}/{r.patient}/lung_mask.nii.gz")
+        for r in samples.itertuples()
+    ]
+    cases = [(r["image"], r["mask"]) for r in LESION_CASES.values()]
+    return pairs[: train["max_patients"]] + cases
 
 
 def segmenter_pairs_input(wildcards):

@@ -1,5 +1,7 @@
 # The synthetic demo cohort: one job per patient writes its scan (DICOM or NIfTI) and exact lung mask.
 # Each job's parameters are that patient's row of the cohort, so adding a site regenerates nothing else.
+# Their own group `synth` (not `preprocess`): with segmentation.method fpn, train_lung_segmenter
+# learns from synthetic scans and every segment job needs it, so one group would hold a cycle.
 
 
 if SYNTHETIC:
@@ -15,7 +17,7 @@ if SYNTHETIC:
         wildcard_constraints:
             site=synth_sites("dicom"),
         group:
-            "preprocess"
+            "synth"
         conda:
             "../../envs/preprocess.yaml"
         params:
@@ -34,13 +36,41 @@ if SYNTHETIC:
         wildcard_constraints:
             site=synth_sites("nifti"),
         group:
-            "preprocess"
+            "synth"
         conda:
             "../../envs/preprocess.yaml"
         params:
             spec=synth_spec,
         shell:
             "$COVIDCT synth --spec {params.spec} --image {output.image} --mask {output.mask} > {log} 2>&1"
+
+
+if LESION_CASES:
+
+    rule synth_lesion_case:
+        """A patient with a dense lesion case and its exact lesion-inclusive lung mask: the lung
+        FPN's extra training pairs (segmentation.train.lesion_cases)."""
+        output:
+            image=f"{RESULTS}/synth/lesion_cases/{{patient}}/ct.nii.gz",
+            mask=f"{RESULTS}/synth/lesion_cases/{{patient}}/lung_mask.nii.gz",
+            lesion=f"{RESULTS}/synth/lesion_cases/{{patient}}/lesion_mask.nii.gz",
+        log:
+            "logs/synth/lesion_cases/{patient}.log",
+        benchmark:
+            "logs/benchmark/synth/lesion_cases/{patient}.tsv"
+        wildcard_constraints:
+            patient="lesion-[0-9]+",
+        group:
+            "synth"
+        conda:
+            "../../envs/preprocess.yaml"
+        params:
+            spec=lesion_case_spec,
+        shell:
+            (
+                "$COVIDCT synth --spec {params.spec} --image {output.image} --mask {output.mask}"
+                " --lesion-mask {output.lesion} > {log} 2>&1"
+            )
 
 
 localrules:

@@ -263,6 +263,36 @@ def cohort_table(config: Mapping[str, Any], root: str = "results/synth") -> pd.D
     return table
 
 
+LESION_CASE_SITE = "lesion_cases"
+"""The folder (under the cohort's root) of the extra training patients of the lung FPN."""
+
+
+def lesion_case_rows(k: int, config: Mapping[str, Any] | None = None,
+                     root: str = "results/synth") -> list[dict[str, Any]]:
+    """``k`` patients with the dense lesion cases (:data:`CASES`) in turn, at severities 0.5,
+    0.75 and 1.0, on the cohort's matrix and default scanner: the lung FPN's extra training
+    pairs, so that its exact lesion-inclusive masks teach it disease on the lung's walls.
+    Each lies in ``{root}/lesion_cases/{patient}/`` (ct.nii.gz, lung and lesion masks)."""
+    syn = dict((config or {}).get("synthetic", config or {}) or {})
+    cohort_seed = int(syn.get("seed", 2020))
+    matrix = int(syn.get("matrix", 128))
+    scanner = site_scanner(LESION_CASE_SITE, None, matrix)
+    names = sorted(CASES)
+    rows = []
+    for i in range(k):
+        patient = f"lesion-{i + 1:03d}"
+        folder = f"{str(root).rstrip('/') or '.'}/{LESION_CASE_SITE}/{patient}"
+        rows.append(dict(
+            patient=patient, site=LESION_CASE_SITE, label="covid", task="covid",
+            sex="MF"[i % 2], seed=patient_seed(cohort_seed, LESION_CASE_SITE, i),
+            severity=0.5 + 0.25 * ((i // len(names)) % 3), case=names[i % len(names)],
+            format="nifti", image=f"{folder}/ct.nii.gz", mask=f"{folder}/{LUNG_MASK}",
+            matrix=matrix, pixel_mm=round(float(scanner["fov_mm"]) / matrix, 6),
+            slice_mm=float(scanner["slice_mm"]), noise_hu=float(scanner["noise_hu"]),
+            kernel_mm=float(scanner["kernel_mm"])))
+    return rows
+
+
 def write_cohort(table: pd.DataFrame, out: str | Path) -> Path:
     return write_csv(out, table, sep="\t", na_rep="")
 
