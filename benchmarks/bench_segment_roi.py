@@ -9,6 +9,9 @@ in the same process: SimpleITK's bare read of the same volume (written beside it
 uncompressed NRRD), so the ratio holds on a noisy machine.
 
     .venv/bin/python benchmarks/bench_segment_roi.py [--real-data DIR] [--keep DIR] [--repeats N]
+                                                     [--lesion-fill]
+
+``--lesion-fill`` measures the same with segmentation.threshold.lesion_fill (off by default).
 
 Goal (issue 17): segmentation + ROI under 4 s together on one core (imports excluded; they are
 printed separately) and a peak memory under 1 GB.
@@ -58,7 +61,7 @@ def build(real_data: Path, out: Path) -> None:
     sitk.WriteImage(ref_img, str(out.with_suffix(".nrrd")), useCompression=False)
 
 
-def child(work: Path) -> dict:
+def child(work: Path, lesion_fill: bool = False) -> dict:
     def rss_mb():  # peak resident memory of this process (VmHWM; ru_maxrss survives exec)
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
@@ -70,7 +73,7 @@ def child(work: Path) -> dict:
     import SimpleITK as sitk
 
     from covidct.io import stores as zarrio
-    from covidct.params import RoiParams
+    from covidct.params import RoiParams, ThresholdParams
     from covidct.preprocess import roi
     from covidct.preprocess.lung_threshold import otsu_threshold, threshold_lung_mask
     from covidct.preprocess.morphology import convex_hull_2d
@@ -97,7 +100,9 @@ def child(work: Path) -> dict:
 
     timed("reference_read", bare_read)
     ct = zarrio.open_image(work / "ct.zarr")
-    mask, info = timed("segment_compute", lambda: threshold_lung_mask(ct.array, ct.spacing))
+    params = ThresholdParams(lesion_fill=lesion_fill)
+    mask, info = timed("segment_compute",
+                       lambda: threshold_lung_mask(ct.array, ct.spacing, params))
     res["segment_steps_wall_s"] = info["timings_s"]
     timed("segment_write", lambda: zarrio.write_image(
         work / "lung.zarr", mask, spacing=ct.spacing, origin=ct.origin, direction=ct.direction,
@@ -146,10 +151,12 @@ def main() -> int:
     ap.add_argument("--keep", default=None, help="work folder to keep (default: a temp folder)")
     ap.add_argument("--repeats", type=int, default=3,
                     help="fresh measuring processes; figures are their median (default 3)")
+    ap.add_argument("--lesion-fill", action="store_true",
+                    help="segment with the lesion fill (segmentation.threshold.lesion_fill)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(Path(args.child))))
+        print(json.dumps(child(Path(args.child), args.lesion_fill)))
         return 0
     tmp = tempfile.TemporaryDirectory() if args.keep is None else None
     work = Path(args.keep or tmp.name)
@@ -160,11 +167,13 @@ def main() -> int:
     env = {**os.environ, **ONE_CORE}
     runs = []
     for _ in range(args.repeats):
-        out = subprocess.run([sys.executable, __file__, "--child", str(work)], env=env,
+        fill = ["--lesion-fill"] if args.lesion_fill else []
+        out = subprocess.run([sys.executable, __file__, "--child", str(work), *fill], env=env,
                              check=True, capture_output=True, text=True)
         runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
     res = runs[-1]
-    print(f"{len(runs)} fresh processes; each figure is their median [min, max]")
+    print(f"{len(runs)} fresh processes; each figure is their median [min, max]"
+          f"{'; with the lesion fill' if args.lesion_fill else ''}")
 
     def spread(values) -> str:
         return f"{statistics.median(values):6.2f} s [{min(values):.2f}, {max(values):.2f}]"
