@@ -11,7 +11,12 @@ import SimpleITK as sitk
 
 from covidct.errors import CovidctError
 from covidct.params import ThresholdParams
-from covidct.preprocess.lung_cavity import CavityRules, dome_offset, lateral_of_air
+from covidct.preprocess.lung_cavity import (
+    CavityRules,
+    dome_offset,
+    lateral_of_air,
+    spine_front,
+)
 from covidct.preprocess.lung_threshold import threshold_lung_mask, upsample_refine
 from covidct.preprocess.morphology import dice
 from covidct.preprocess.qc import risk_of_loss
@@ -176,6 +181,17 @@ def test_medial_limit_reaches_the_air_of_nearby_slices():
     nearby = lateral_of_air(lung, is_right=True, n=1)
     assert nearby[4, 0, :15].all() and not nearby[4, 0, 15:].any()
     assert not lateral_of_air(lung, is_right=True, n=3)[:, 0, 15:].any()
+
+
+def test_spine_front_is_the_vertebral_bodies_front_not_the_sternum():
+    hu = np.full((6, 60, 50), 40.0)                 # a soft-tissue body, y = 0 at the front
+    body = np.ones(hu.shape, bool)
+    hu[:, 2:5, 20:30] = 700                          # the sternum, in front
+    hu[:, 38:50, 20:30] = 700                        # the vertebral body, behind the centre
+    hu[:, 40:44, 2:6] = 700                          # a rib, far from the midline
+    assert spine_front(hu, body, 24.5, (2.5, 2.0, 2.0), CavityRules()) == 38
+    assert spine_front(np.full_like(hu, 40.0), body, 24.5, (2.5, 2.0, 2.0),
+                       CavityRules()) == 29.5         # no bone: the back half's start
 
 
 def test_fill_stays_lung_when_brought_to_the_ct_grid():
