@@ -60,17 +60,15 @@ def held_out_lesion_patients():
 
 def train(args) -> Path:
     import numpy as np
+    import yaml
 
     from covidct.model.segmenter import prepare_volume, train_segmenter
     from covidct.params import SegmenterTrainParams, TrackingParams
+    from covidct.synth.cohort import lesion_case_rows
     from covidct.synth.patient import make_patient
 
     t0 = time.perf_counter()
     volumes = []
-    import yaml
-
-    from covidct.synth.cohort import lesion_case_rows
-
     extra = lesion_case_rows(args.lesion_cases, yaml.safe_load(args.config.read_text()))
     for row in synthetic_rows(args.n, args.config) + extra:
         ct, mask, spacing, _ = make_patient(row)

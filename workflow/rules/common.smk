@@ -20,6 +20,7 @@ from covidct.errors import CovidctError
 from covidct.io.sheet import check_sheet, missing_images, read_sheet, sites_with_role
 from covidct.io.tracking import CONFIG_HASH_ENV, PARENT_RUN_ENV, config_hash
 from covidct.roles import plan_workflow
+from covidct.synth.cohort import LESION_CASE_SITE
 
 CONFIG_FILES = ", ".join(map(str, workflow.configfiles)) or None
 CONFIG_SCHEMA = Path(workflow.current_basedir).parent / "schemas" / "config.schema.yaml"
@@ -425,9 +426,7 @@ def segment_env():
 
 def _lesion_cases():
     """The lung FPN's extra training patients with dense lesion cases, by name."""
-    if SEGMENTATION["method"] != "fpn" or SEGMENTATION["model"]:
-        return {}
-    if SEGMENTATION["train"]["sheet"]:
+    if SEGMENTATION["method"] != "fpn" or SEGMENTATION["model"] or SEGMENTATION["train"]["sheet"]:
         return {}
     if not SYNTHETIC:
         raise CovidctError(
@@ -447,6 +446,7 @@ def _lesion_cases():
 
 
 LESION_CASES = _lesion_cases()
+LESION_CASE_DIR = f"{RESULTS}/synth/{LESION_CASE_SITE}"
 
 
 def lesion_case_spec(wildcards):

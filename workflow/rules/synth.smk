@@ -51,9 +51,9 @@ if LESION_CASES:
         """A patient with a dense lesion case and its exact lesion-inclusive lung mask: the lung
         FPN's extra training pairs (segmentation.train.lesion_cases)."""
         output:
-            image=f"{RESULTS}/synth/lesion_cases/{{patient}}/ct.nii.gz",
-            mask=f"{RESULTS}/synth/lesion_cases/{{patient}}/lung_mask.nii.gz",
-            lesion=f"{RESULTS}/synth/lesion_cases/{{patient}}/lesion_mask.nii.gz",
+            image=f"{LESION_CASE_DIR}/{{patient}}/ct.nii.gz",
+            mask=f"{LESION_CASE_DIR}/{{patient}}/lung_mask.nii.gz",
+            lesion=f"{LESION_CASE_DIR}/{{patient}}/lesion_mask.nii.gz",
         log:
             "logs/synth/lesion_cases/{patient}.log",
         benchmark:
